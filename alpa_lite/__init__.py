@@ -1,0 +1,38 @@
+"""alpa-lite: an auto-parallelism planning compiler for JAX.
+
+The IR modules (specs, cluster, graph, errors) import eagerly; the front end (``plan``,
+``parallelize``, ...) loads on first attribute access (PEP 562), so ``cost_model``, ``ilp`` and
+``dp_stages`` can import the IR without pulling in the front end.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.errors import PlanningError
+from alpa_lite.specs import ShardingSpec
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "plan": "alpa_lite.planner",
+    "Plan": "alpa_lite.plan_result",
+    "parallelize": "alpa_lite.parallelize",
+    "value_and_grad": "alpa_lite.markers",
+    "grad": "alpa_lite.markers",
+    "mark_layer": "alpa_lite.markers",
+    "trace": "alpa_lite.tracer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in {"errors"}:
+        return importlib.import_module(f"alpa_lite.{name}")
+    raise AttributeError(f"module 'alpa_lite' has no attribute {name!r}")
+
+
+__all__ = ["ClusterSpec", "PlanningError", "ShardingSpec", "__version__", *_LAZY]
