@@ -1,0 +1,88 @@
+"""The interpreter: every op of an ``OpGraph`` → its list of strategies.
+
+Parameters and non-scalar constants may take any spec (slicing a replicated constant is free);
+scalars stay replicated. Other ops ask the rule table; an op with no rule, or whose rule fails,
+gets the replicated strategy and is left unconstrained in emission (one warning per primitive).
+Specs the user fixed (``with_sharding_constraint``, committed inputs) filter the list.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.errors import ShardingError
+from alpa_lite.graph import Op, OpGraph
+from alpa_lite.specs import ShardingSpec
+from cost_model import rules  # noqa: F401  (fills the rule table)
+from cost_model.context import RuleContext
+from cost_model.registry import rule_for, warn_missing
+from cost_model.strategy import Strategy
+
+log = logging.getLogger("alpa_lite.cost_model")
+
+
+@dataclass(frozen=True, eq=False)
+class StrategyGraph:
+    graph: OpGraph
+    cluster: ClusterSpec
+    strategies: tuple[tuple[Strategy, ...], ...]  # per op, in op order
+    unconstrained: frozenset[int]  # ops with no rule: left to XLA in emission
+    missing_rules: tuple[str, ...]  # primitives that had no rule
+
+
+def build_strategies(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
+    strategies, unconstrained, missing = [], set(), []
+    for op in graph.ops:
+        strats, ok = _op_strategies(graph, op, cluster)
+        if not ok:
+            unconstrained.add(op.index)
+            if op.primitive is not None and str(op.primitive) not in missing:
+                missing.append(str(op.primitive))
+        strategies.append(tuple(_apply_fixed(graph, op, strats, cluster)))
+    return StrategyGraph(graph, cluster, tuple(strategies), frozenset(unconstrained),
+                         tuple(missing))
+
+
+def _op_strategies(graph: OpGraph, op: Op, cluster: ClusterSpec) -> tuple[list[Strategy], bool]:
+    outs = tuple(graph.tensors[t] for t in op.outputs)
+    ins = [graph.tensors[t] for t in op.operands]
+    ctx = RuleContext(cluster, outs, op.flops)
+    if op.kind in ("parameter", "constant"):
+        t = outs[0]
+        specs = ctx.specs(t.shape) if t.rank and t.size > 1 else [ShardingSpec.replicated(t.rank)]
+        return [ctx.strategy(str(s), [s], [], [], flops=0.0) for s in specs], True
+    rule = rule_for(op.primitive)
+    if rule is None:
+        warn_missing(op.primitive)
+        return [ctx.replicated(ins, "unconstrained")], False
+    try:
+        strats = rule(ctx, *ins, **op.params)
+    except Exception as e:  # noqa: BLE001 - a broken rule must not crash planning
+        log.warning("sharding rule for %s failed (%s: %s); costing it as replicated",
+                    op.primitive, type(e).__name__, e)
+        return [ctx.replicated(ins, "unconstrained")], False
+    if not strats:
+        return [ctx.replicated(ins)], True
+    return list(strats), True
+
+
+def _apply_fixed(graph: OpGraph, op: Op, strats: list[Strategy],
+                 cluster: ClusterSpec) -> list[Strategy]:
+    fixed = {k: graph.fixed[t] for k, t in enumerate(op.outputs) if t in graph.fixed}
+    if not fixed:
+        return strats
+    for k, spec in fixed.items():
+        spec.validate(graph.tensors[op.outputs[k]].shape, cluster.axis_sizes)
+    kept = [s for s in strats if all(s.out_specs[k] == spec for k, spec in fixed.items())]
+    if kept:
+        return kept
+    if op.kind == "parameter" or len(op.operands) == 1:
+        # A user-fixed spec the enumeration skipped (e.g. an uneven split): honour it as given.
+        ctx = RuleContext(cluster, tuple(graph.tensors[t] for t in op.outputs), op.flops)
+        spec = fixed[0]
+        ins = [graph.tensors[t] for t in op.operands]
+        return [ctx.strategy(str(spec), [spec], [spec] * len(ins), ins)]
+    raise ShardingError(f"no strategy of op {op} yields the sharding fixed by the user "
+                        f"({', '.join(map(str, fixed.values()))})")
