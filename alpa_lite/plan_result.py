@@ -1,0 +1,252 @@
+"""``Plan``: what the planner decided, as data that prints, saves and compiles.
+
+Everything needed to run the plan is plain data (specs as strings, per-op layouts, mesh shape,
+costs, solver statistics); the traced graph and the concrete mesh ride along when available and
+are rebuilt by ``compile(fn)`` after loading from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from alpa_lite.emit import OpLayout
+from alpa_lite.errors import PlanFileError, PlanningError, SignatureError
+from alpa_lite.specs import ShardingSpec
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    peak_memory_bytes: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s
+
+
+@dataclass(frozen=True)
+class PredictedCollective:
+    kind: str
+    axes: tuple[str, ...]
+    nbytes: float
+    group_size: int
+    where: str
+
+    def wire_bytes(self) -> float:
+        from cost_model.strategy import Collective
+
+        return Collective(self.kind, self.axes, self.nbytes, self.group_size).wire_bytes()
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    layers: tuple[int, int]
+    submesh: tuple[int, ...]
+    devices: tuple[int, ...]
+    cost_s: float
+    memory_bytes: float
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    status: str
+    objective: float
+    bound: float
+    gap: float
+    wall_s: float
+    variables: int
+    constraints: int
+    note: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    method: str
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    signature: tuple[tuple[tuple[int, ...], str], ...]  # flat dynamic inputs: (shape, dtype)
+    input_specs: tuple[ShardingSpec, ...]  # flat
+    output_specs: tuple[ShardingSpec, ...]  # flat
+    layouts: tuple[OpLayout, ...]  # per op of the traced program
+    op_kinds: tuple[str, ...]
+    cost: PlanCost
+    collectives: tuple[PredictedCollective, ...]
+    solver: SolverInfo
+    stages: tuple[StageInfo, ...]
+    static_argnums: tuple[int, ...] = ()
+    donate_argnums: tuple[int, ...] = ()
+    num_args: int = 0
+    cluster: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    # Not saved: rebuilt by compile(fn).
+    graph: Any = None
+    mesh: Any = None
+
+    # ---- pytrees of specs / shardings --------------------------------------------------
+    def _tree(self, flat: Sequence[Any], which: str) -> Any:
+        if self.graph is None:
+            return list(flat)
+        tree = self.graph.in_tree if which == "in" else self.graph.out_tree
+        return jax.tree.unflatten(tree, list(flat))
+
+    @property
+    def in_specs(self) -> Any:
+        """PartitionSpecs shaped like the (dynamic) arguments."""
+        return self._tree([s.to_partition_spec() for s in self.input_specs], "in")
+
+    @property
+    def out_specs(self) -> Any:
+        return self._tree([s.to_partition_spec() for s in self.output_specs], "out")
+
+    def _shardings(self, specs: Sequence[ShardingSpec], which: str) -> Any:
+        if self.mesh is None:
+            raise PlanningError("this plan has no concrete mesh: pass mesh= to al.plan or to "
+                                "compile() to get NamedShardings")
+        return self._tree([NamedSharding(self.mesh, s.to_partition_spec()) for s in specs], which)
+
+    @property
+    def in_shardings(self) -> Any:
+        return self._shardings(self.input_specs, "in")
+
+    @property
+    def out_shardings(self) -> Any:
+        return self._shardings(self.output_specs, "out")
+
+    @property
+    def predicted_wire_bytes(self) -> float:
+        return float(sum(c.wire_bytes() for c in self.collectives))
+
+    # ---- running --------------------------------------------------------------------
+    def check_signature(self, args: Sequence[Any]) -> None:
+        dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
+        leaves = jax.tree.leaves(dyn)
+        got = tuple((tuple(int(d) for d in np.shape(x)), str(np.result_type(x)) if not
+                     hasattr(x, "dtype") else str(np.dtype(x.dtype))) for x in leaves)
+        if got != self.signature:
+            raise SignatureError(_signature_diff(self.signature, got))
+
+    def compile(self, fn: Callable[..., Any], mesh: Any = None,
+                example_args: Sequence[Any] | None = None) -> Any:
+        """A function equal to ``fn`` that runs this plan (one stage: a ``jax.jit`` function)."""
+        from alpa_lite.runtime import compile_plan
+
+        return compile_plan(self, fn, mesh=mesh, example_args=example_args)
+
+    def check(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Compile here and compare predicted with compiled collectives, FLOPs and memory."""
+        from alpa_lite.check import check_plan
+
+        return check_plan(self, fn, *args)
+
+    # ---- reports --------------------------------------------------------------------
+    def summary(self) -> str:
+        from alpa_lite.report import plan_summary
+
+        return plan_summary(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        from alpa_lite.report import plan_html
+
+        return plan_html(self)
+
+    # ---- JSON -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION, "method": self.method, "mesh_shape": list(self.mesh_shape),
+            "axis_names": list(self.axis_names),
+            "signature": [[list(s), d] for s, d in self.signature],
+            "input_specs": [str(s) for s in self.input_specs],
+            "output_specs": [str(s) for s in self.output_specs],
+            "layouts": [[[str(s) for s in lay.outs], [str(s) for s in lay.ins], lay.free]
+                        for lay in self.layouts],
+            "op_kinds": list(self.op_kinds),
+            "cost": {**self.cost.__dict__, "total_s": self.cost.total_s},
+            "collectives": [{**c.__dict__, "axes": list(c.axes)} for c in self.collectives],
+            "solver": dict(self.solver.__dict__),
+            "stages": [{"layers": list(s.layers), "submesh": list(s.submesh),
+                        "devices": list(s.devices), "cost_s": s.cost_s,
+                        "memory_bytes": s.memory_bytes} for s in self.stages],
+            "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
+            "num_args": self.num_args, "cluster": self.cluster, "timings": self.timings,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Load a saved plan; never executes anything from the file."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise PlanFileError(f"plan file is not valid JSON: {e}") from None
+        if not isinstance(d, dict) or "version" not in d:
+            raise PlanFileError("plan file has no 'version' field: not an alpa-lite plan")
+        if d["version"] != PLAN_VERSION:
+            raise PlanFileError(f"plan file has version {d['version']}, this alpa-lite reads "
+                                f"version {PLAN_VERSION}: plan again with this version")
+        try:
+            return cls._from_dict(d)
+        except PlanFileError:
+            raise
+        except (KeyError, TypeError, ValueError, PlanningError) as e:
+            raise PlanFileError(f"plan file is corrupt: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Plan:
+        P = ShardingSpec.parse
+        cost = d["cost"]
+        return cls(
+            method=str(d["method"]), mesh_shape=tuple(int(x) for x in d["mesh_shape"]),
+            axis_names=tuple(str(a) for a in d["axis_names"]),
+            signature=tuple((tuple(int(x) for x in s), str(t)) for s, t in d["signature"]),
+            input_specs=tuple(P(s) for s in d["input_specs"]),
+            output_specs=tuple(P(s) for s in d["output_specs"]),
+            layouts=tuple(OpLayout(tuple(P(s) for s in o), tuple(P(s) for s in i), bool(f))
+                          for o, i, f in d["layouts"]),
+            op_kinds=tuple(str(k) for k in d["op_kinds"]),
+            cost=PlanCost(float(cost["compute_s"]), float(cost["communication_s"]),
+                          float(cost["resharding_s"]), float(cost["peak_memory_bytes"])),
+            collectives=tuple(PredictedCollective(str(c["kind"]), tuple(c["axes"]),
+                                                  float(c["nbytes"]), int(c["group_size"]),
+                                                  str(c["where"])) for c in d["collectives"]),
+            solver=SolverInfo(**d["solver"]),
+            stages=tuple(StageInfo(tuple(s["layers"]), tuple(s["submesh"]), tuple(s["devices"]),
+                                   float(s["cost_s"]), float(s["memory_bytes"]))
+                         for s in d["stages"]),
+            static_argnums=tuple(d["static_argnums"]), donate_argnums=tuple(d["donate_argnums"]),
+            num_args=int(d["num_args"]), cluster=dict(d["cluster"]),
+            timings={k: float(v) for k, v in d["timings"].items()},
+            warnings=tuple(d.get("warnings", ())),
+        )
+
+    def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:
+        return replace(self, graph=graph if graph is not None else self.graph,
+                       mesh=mesh if mesh is not None else self.mesh)
+
+
+def _signature_diff(want: Sequence[Any], got: Sequence[Any]) -> str:
+    if len(want) != len(got):
+        return (f"the plan was made for {len(want)} array inputs, these arguments have "
+                f"{len(got)}: plan again for these arguments")
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w != g:
+            return (f"input leaf {i} is {g[1]}{list(g[0])}, the plan was made for "
+                    f"{w[1]}{list(w[0])}: plan again for these shapes")
+    return "arguments do not match the plan's signature"

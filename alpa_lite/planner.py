@@ -1,0 +1,249 @@
+"""``al.plan``: trace → strategies → ILP → a ``Plan`` (one stage; the stage DP builds on it).
+
+Carried state: a training step returns its new state (params, optimizer state) in the same
+pytree shape as the inputs it came from; those outputs are tied to the inputs' specs and the
+emitted jit donates them. The other inputs are the batch (``batch_argnums`` overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from alpa_lite.baselines import BASELINES, baseline_input_specs, baseline_masks
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.emit import OpLayout
+from alpa_lite.errors import MeshError, PlanningError
+from alpa_lite.graph import OpGraph
+from alpa_lite.intra_op import IntraOpProblem, build_problem
+from alpa_lite.plan_result import Plan, PlanCost, PredictedCollective, SolverInfo, StageInfo
+from alpa_lite.specs import ShardingSpec
+from alpa_lite.tracer import trace
+from cost_model.builder import StrategyGraph, build_strategies
+from cost_model.resharding import reshard
+from ilp import IlpOptions, IlpSolution, solve
+
+log = logging.getLogger("alpa_lite.planner")
+METHODS = ("auto", *BASELINES)
+
+
+def resolve_mesh(mesh: Any, cluster: ClusterSpec | None) -> tuple[Any, ClusterSpec]:
+    """A (concrete or abstract) mesh and the cluster figures viewed on its axes."""
+    if mesh is None and cluster is None:
+        raise MeshError("give mesh= (a jax Mesh or AbstractMesh) or cluster= (a ClusterSpec)")
+    if mesh is None:
+        mesh = jax.sharding.AbstractMesh(cluster.mesh_shape, cluster.axis_names)
+    if not hasattr(mesh, "axis_names") or not hasattr(mesh, "axis_sizes"):
+        raise MeshError(f"mesh must be a jax.sharding.Mesh or AbstractMesh, got {type(mesh).__name__}")
+    shape, names = tuple(int(s) for s in mesh.axis_sizes), tuple(mesh.axis_names)
+    if cluster is None:
+        cluster = ClusterSpec.from_mesh(mesh)
+    elif math.prod(cluster.mesh_shape) != math.prod(shape) and cluster.mesh_shape != shape:
+        log.info("viewing cluster %s as mesh %s", cluster.mesh_shape, shape)
+    return mesh, cluster.with_mesh(shape, names)
+
+
+def _leaf_avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(np.shape(x)), str(np.dtype(getattr(x, "dtype", np.result_type(x)))))
+            for x in jax.tree.leaves(tree)]
+
+
+def find_ties(graph: OpGraph, args: Sequence[Any], static: Sequence[int],
+              out_example: Any) -> tuple[dict[int, int], list[int]]:
+    """Flat output position → flat input position for carried state; and the args tied whole.
+
+    An output (a top-level element of a tuple result, or the whole result) is carried state
+    when some dynamic argument has the same pytree structure and leaf shapes/dtypes.
+    """
+    dyn_idx = [i for i in range(len(args)) if i not in static]
+    starts, n = {}, 0
+    for i in dyn_idx:
+        starts[i] = n
+        n += len(jax.tree.leaves(args[i]))
+    outs = list(out_example) if isinstance(out_example, (tuple, list)) else [out_example]
+    ties, tied_args, pos = {}, [], 0
+    for o in outs:
+        k = len(jax.tree.leaves(o))
+        for i in dyn_idx:
+            if i in tied_args or not jax.tree.leaves(args[i]):
+                continue
+            if (jax.tree.structure(args[i]) == jax.tree.structure(o)
+                    and _leaf_avals(args[i]) == _leaf_avals(o)):
+                for j in range(k):
+                    ties[pos + j] = starts[i] + j
+                tied_args.append(i)
+                break
+        pos += k
+    return ties, tied_args
+
+
+def _state_groups(args: Sequence[Any], static: Sequence[int], state_args: Sequence[int]) -> dict[int, int]:
+    """Optimizer-state leaf → the parameter leaf with the same tree-path tail and shape."""
+    leaves, starts, n = {}, {}, 0
+    for i in range(len(args)):
+        if i in static:
+            continue
+        starts[i] = n
+        for j, (path, x) in enumerate(jax.tree_util.tree_leaves_with_path(args[i])):
+            leaves[n + j] = (i, path, tuple(np.shape(x)))
+        n += len(jax.tree.leaves(args[i]))
+    if not state_args:
+        return {}
+    first = state_args[0]
+    params = {pos: v for pos, v in leaves.items() if v[0] == first}
+    groups = {}
+    for pos, (i, path, shape) in leaves.items():
+        if i == first or i not in state_args:
+            continue
+        for ppos, (_, ppath, pshape) in params.items():
+            if pshape == shape and len(ppath) <= len(path) and path[len(path) - len(ppath):] == ppath:
+                groups[pos] = ppos
+                break
+    return groups
+
+
+def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
+         method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
+         num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
+         donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
+         time_limit_s: float = 60.0) -> Plan:
+    """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API")."""
+    if method not in METHODS:
+        raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
+    if num_stages not in (None, 1):
+        from alpa_lite.pipeline_planner import plan_pipeline
+
+        return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
+                             memory_budget=memory_budget, num_stages=num_stages,
+                             num_microbatches=num_microbatches, batch_argnums=batch_argnums,
+                             static_argnums=static_argnums, time_limit_s=time_limit_s)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    mesh, cluster = resolve_mesh(mesh, cluster)
+    static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
+    graph = trace(fn, *args, static_argnums=static)
+    out_example = jax.eval_shape(lambda *a: fn(*a), *args) if not static else _eval_shape_static(fn, args, static)
+    timings["trace_s"] = time.perf_counter() - t0
+    ties, tied_args = find_ties(graph, args, static, out_example)
+    t1 = time.perf_counter()
+    sgraph = build_strategies(graph, cluster)
+    timings["strategies_s"] = time.perf_counter() - t1
+    budget = cluster.device.memory if memory_budget is None else float(memory_budget)
+    masks = None
+    if method != "auto":
+        state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
+        specs = baseline_input_specs(method, graph, cluster.axis_sizes, cluster.axis_names,
+                                     state, batch, _state_groups(args, static, tied_args or [0]))
+        masks = baseline_masks(method, sgraph, specs, state)
+    t2 = time.perf_counter()
+    iop = build_problem(sgraph, ties, budget, masks)
+    timings["ilp_build_s"] = time.perf_counter() - t2
+    sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    timings["ilp_solve_s"] = sol.wall_s
+    donate = tuple(tied_args) if donate_argnums is None else tuple(donate_argnums)
+    result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
+                           num_args=len(args), timings=timings)
+    timings["total_s"] = time.perf_counter() - t0
+    return result
+
+
+def _eval_shape_static(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
+    dyn = [a for i, a in enumerate(args) if i not in static]
+
+    def f(*d: Any) -> Any:
+        full, it = list(args), iter(d)
+        for i in range(len(full)):
+            if i not in static:
+                full[i] = next(it)
+        return fn(*full)
+
+    return jax.eval_shape(f, *dyn)
+
+
+def _state_and_batch(args: Sequence[Any], static: Sequence[int], tied_args: Sequence[int],
+                     batch_argnums: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """Flat input positions of the state and of the batch."""
+    dyn = [i for i in range(len(args)) if i not in static]
+    if batch_argnums is not None:
+        batch_args = {i % len(args) for i in batch_argnums}
+    elif tied_args:
+        batch_args = {i for i in dyn if i not in tied_args and i > min(tied_args)}
+    else:  # a forward function: the first argument is the weights, the rest the data
+        batch_args = set(dyn[1:]) if len(dyn) > 1 else set(dyn)
+    state, batch, n = [], [], 0
+    for i in dyn:
+        k = len(jax.tree.leaves(args[i]))
+        (batch if i in batch_args else state).extend(range(n, n + k))
+        n += k
+    return state, batch
+
+
+def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: Any,
+                  static: Sequence[int], donate: Sequence[int], num_args: int,
+                  timings: dict[str, float]) -> Plan:
+    sg: StrategyGraph = iop.sgraph
+    g, cluster = sg.graph, sg.cluster
+    n_ops = len(g.ops)
+    chosen = [sg.strategies[v][sol.choice[v]] for v in range(n_ops)]
+    layouts = tuple(OpLayout(s.out_specs, s.in_specs, v in sg.unconstrained)
+                    for v, s in enumerate(chosen))
+    input_specs = tuple(chosen[g.producer[t]].out_specs[0] for t in g.inputs)
+    sink_spec = {pos: iop.sink_specs[k][sol.choice[n_ops + k]]
+                 for k, pos in enumerate(iop.sink_outputs)}
+    output_specs = tuple(sink_spec[p] if p in sink_spec else input_specs[iop.ties[p]]
+                         for p in range(len(g.outputs)))
+    compute = sum(s.compute_s for s in chosen)
+    comm = sum(s.comm_s for s in chosen)
+    colls = [PredictedCollective(c.kind, c.axes, c.nbytes, c.group_size, str(g.ops[v]))
+             for v, s in enumerate(chosen) for c in s.collectives]
+    resh = 0.0
+    for e, ref in zip(iop.problem.edges, iop.edge_refs):
+        i, j = sol.choice[e.src], sol.choice[e.dst]
+        cost = float(e.cost[i, j])
+        if cost <= 0:
+            continue
+        src_spec = chosen[ref.src_op].out_specs[ref.out_index]
+        dst_spec = _dst_spec(iop, chosen, ref, sol)
+        _, cs = reshard(src_spec, dst_spec, g.tensors[ref.tensor], cluster)
+        colls.extend(PredictedCollective(c.kind, c.axes, c.nbytes, c.group_size,
+                                         f"{g.ops[ref.src_op]} → {_node_name(iop, ref.dst_node)}")
+                     for c in cs)
+        if src_spec.is_partial:
+            comm += cost
+        else:
+            resh += cost
+    cost = PlanCost(compute, comm, resh, sol.peak_memory)
+    solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
+                        sol.num_variables, sol.num_constraints)
+    stage = StageInfo((0, max(g.num_layers - 1, 0)), tuple(cluster.mesh_shape),
+                      tuple(range(cluster.num_devices)), cost.total_s, sol.peak_memory)
+    warnings = tuple(f"no sharding rule for {p}: left to XLA, costed as replicated"
+                     for p in sg.missing_rules)
+    return Plan(method=method, mesh_shape=tuple(cluster.mesh_shape),
+                axis_names=tuple(cluster.axis_names),
+                signature=tuple((t.shape, t.dtype) for t in (g.tensors[i] for i in g.inputs)),
+                input_specs=input_specs, output_specs=output_specs, layouts=layouts,
+                op_kinds=tuple(op.kind for op in g.ops), cost=cost, collectives=tuple(colls),
+                solver=solver, stages=(stage,), static_argnums=tuple(static),
+                donate_argnums=tuple(donate), num_args=num_args, cluster=cluster.to_dict(),
+                timings=timings, warnings=warnings, graph=g,
+                mesh=mesh if isinstance(mesh, jax.sharding.Mesh) else mesh)
+
+
+def _dst_spec(iop: IntraOpProblem, chosen: Sequence[Any], ref: Any, sol: IlpSolution) -> ShardingSpec:
+    n_ops = len(iop.sgraph.graph.ops)
+    if ref.dst_node >= n_ops:
+        k = ref.dst_node - n_ops
+        return iop.sink_specs[k][sol.choice[ref.dst_node]]
+    s = chosen[ref.dst_node]
+    return s.in_specs[ref.operand] if ref.operand >= 0 else s.out_specs[0]
+
+
+def _node_name(iop: IntraOpProblem, node: int) -> str:
+    return iop.problem.names[node] if node < len(iop.problem.names) else f"node{node}"
