@@ -17,8 +17,10 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alpa_lite.cluster import ClusterSpec
 from alpa_lite.graph import OpGraph
 from alpa_lite.specs import ShardingSpec
+from cost_model.resharding import reshard_path
 
 
 @dataclass(frozen=True)
@@ -31,29 +33,20 @@ class OpLayout:
     free: bool = False
 
 
-def value_specs(graph: OpGraph, layouts: Sequence[OpLayout],
-                output_specs: Sequence[ShardingSpec]) -> dict[int, ShardingSpec]:
-    """The (reduced) spec each tensor takes right after its producer."""
-    wants: dict[int, list[ShardingSpec]] = {}
-    for op, lay in zip(graph.ops, layouts):
-        for t, s in zip(op.operands, lay.ins):
-            wants.setdefault(t, []).append(s)
-    for t, s in zip(graph.outputs, output_specs):
-        wants.setdefault(t, []).append(s)
-    result = {}
-    for op, lay in zip(graph.ops, layouts):
-        for t, s in zip(op.outputs, lay.outs):
-            if s.is_partial:
-                w = set(wants.get(t, ()))
-                s = w.pop() if len(w) == 1 else s.without_partial()
-            result[t] = s
-    return result
+def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequence[ShardingSpec],
+              cluster: ClusterSpec, mesh: Any = None) -> Callable[..., list[Any]]:
+    """A function of the flat inputs that runs the program with the plan's constraints.
 
-
-def make_body(graph: OpGraph, layouts: Sequence[OpLayout],
-              output_specs: Sequence[ShardingSpec], mesh: Any = None) -> Callable[..., list[Any]]:
-    """A function of the flat inputs that runs the program with the plan's constraints."""
-    specs = value_specs(graph, layouts, output_specs)
+    A non-partial op output is constrained to its spec. Where a consumer wants another spec,
+    every intermediate spec of the modelled resharding path (``reshard_path``) is constrained in
+    turn, so XLA performs the collectives the cost model charged (given only the end spec it may
+    replicate first). A partial-sum output is left unconstrained: its consumers' first
+    constraint is where XLA reduces it, as the model charges on the out-edge.
+    """
+    produced: dict[int, ShardingSpec] = {}
+    for op, lay in zip(graph.ops, layouts):
+        if not lay.free:
+            produced.update(zip(op.outputs, lay.outs))
 
     def constrain(x: Any, spec: ShardingSpec) -> Any:
         if not getattr(x, "ndim", 0):
@@ -67,7 +60,21 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout],
 
     def body(*flat: Any) -> list[Any]:
         env: dict[int, Any] = {}
-        resharded: dict[tuple[int, ShardingSpec], Any] = {}
+        moved: dict[tuple[int, ShardingSpec], Any] = {}
+
+        def fetch(t: int, want: ShardingSpec | None) -> Any:
+            src = produced.get(t)
+            if want is None or src is None or want == src:
+                return env[t]
+            if (t, want) not in moved:
+                x = env[t]
+                for step in reshard_path(src, want, graph.tensors[t], cluster):
+                    key = (t, step.spec)
+                    x = moved[key] if key in moved else constrain(x, step.spec)
+                    moved[key] = x
+                moved[(t, want)] = x
+            return moved[(t, want)]
+
         for op, lay in zip(graph.ops, layouts):
             if op.kind == "parameter":
                 env[op.outputs[0]] = flat[op.params["index"]]
@@ -75,33 +82,24 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout],
             if op.kind == "constant":
                 env[op.outputs[0]] = op.params["value"]
                 continue
-            ins = []
-            for t, s in zip(op.operands, lay.ins if not lay.free else ()):
-                if s != specs.get(t):
-                    key = (t, s)
-                    if key not in resharded:
-                        resharded[key] = constrain(env[t], s)
-                    ins.append(resharded[key])
-                else:
-                    ins.append(env[t])
-            if lay.free:
-                ins = [env[t] for t in op.operands]
+            wants = [None] * len(op.operands) if lay.free else list(lay.ins)
+            ins = [fetch(t, w) for t, w in zip(op.operands, wants)]
             params = op.primitive.get_bind_params(dict(op.params))
             outs = op.primitive.bind(*ins, **params)
             outs = outs if op.primitive.multiple_results else [outs]
-            for t, x in zip(op.outputs, outs):
-                env[t] = x if lay.free else constrain(x, specs[t])
-        return [env[t] for t in graph.outputs]
+            for t, x, spec in zip(op.outputs, outs, lay.outs):
+                env[t] = x if lay.free or spec.is_partial else constrain(x, spec)
+        return [fetch(t, s) for t, s in zip(graph.outputs, output_specs)]
 
     return body
 
 
-def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any,
+def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: ClusterSpec,
              input_specs: Sequence[ShardingSpec], output_specs: Sequence[ShardingSpec],
              num_args: int, static_argnums: Sequence[int], donate_argnums: Sequence[int]) -> Any:
     """``jax.jit(auto_axes(body), in_shardings=..., out_shardings via auto_axes, donate...)``
     taking the user's (pytree) arguments, static ones included."""
-    body = make_body(graph, layouts, output_specs, mesh)
+    body = make_body(graph, layouts, output_specs, cluster, mesh)
     static = tuple(sorted(static_argnums))
     in_leaf_sh = [NamedSharding(mesh, s.to_partition_spec()) for s in input_specs]
     out_leaf_sh = [NamedSharding(mesh, s.to_partition_spec()) for s in output_specs]

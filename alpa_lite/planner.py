@@ -203,13 +203,15 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
     colls = [PredictedCollective(c.kind, c.axes, c.nbytes, c.group_size, str(g.ops[v]))
              for v, s in enumerate(chosen) for c in s.collectives]
     resh = 0.0
+    moved: set[tuple[int, ShardingSpec]] = set()
     for e, ref in zip(iop.problem.edges, iop.edge_refs):
         i, j = sol.choice[e.src], sol.choice[e.dst]
         cost = float(e.cost[i, j])
-        if cost <= 0:
-            continue
         src_spec = chosen[ref.src_op].out_specs[ref.out_index]
         dst_spec = _dst_spec(iop, chosen, ref, sol)
+        if cost <= 0 or (ref.tensor, dst_spec) in moved:
+            continue  # the emitted program moves a tensor to a spec once, for all its readers
+        moved.add((ref.tensor, dst_spec))
         _, cs = reshard(src_spec, dst_spec, g.tensors[ref.tensor], cluster)
         colls.extend(PredictedCollective(c.kind, c.axes, c.nbytes, c.group_size,
                                          f"{g.ops[ref.src_op]} → {_node_name(iop, ref.dst_node)}")

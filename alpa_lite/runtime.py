@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import make_jit
 from alpa_lite.errors import MeshError, PlanFileError
 from alpa_lite.tracer import trace
@@ -35,5 +36,5 @@ def compile_plan(plan: Any, fn: Callable[..., Any], mesh: Any = None,
         if tuple(op.kind for op in graph.ops) != plan.op_kinds:
             raise PlanFileError("this function does not trace to the program the plan was made "
                                 "for (its ops differ): plan it again")
-    return make_jit(graph, plan.layouts, mesh, plan.input_specs, plan.output_specs,
+    return make_jit(graph, plan.layouts, mesh, ClusterSpec.from_dict(plan.cluster), plan.input_specs, plan.output_specs,
                     plan.num_args, plan.static_argnums, plan.donate_argnums)
