@@ -50,7 +50,7 @@ def resolve_mesh(mesh: Any, cluster: ClusterSpec | None) -> tuple[Any, ClusterSp
 
 
 def _leaf_avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
-    return [(tuple(np.shape(x)), str(np.dtype(getattr(x, "dtype", np.result_type(x)))))
+    return [(tuple(np.shape(x)), str(np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)))
             for x in jax.tree.leaves(tree)]
 
 
