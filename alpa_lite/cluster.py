@@ -95,7 +95,10 @@ class ClusterSpec:
         n = math.prod(shape)
         key = preset
         dph = n
-        devices = getattr(mesh, "devices", None)
+        try:
+            devices = mesh.devices
+        except (AttributeError, ValueError):  # an AbstractMesh has none (its getter raises)
+            devices = None
         if key is None:
             key = "cpu"
             if devices is not None:

@@ -182,7 +182,9 @@ class Plan:
                         "devices": list(s.devices), "cost_s": s.cost_s,
                         "memory_bytes": s.memory_bytes} for s in self.stages],
             "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
-            "num_args": self.num_args, "cluster": self.cluster, "timings": self.timings,
+            "num_args": self.num_args,
+            # Through JSON, so tuples read as lists: to_dict() equals that of the reloaded plan.
+            "cluster": json.loads(json.dumps(self.cluster)), "timings": self.timings,
             "warnings": list(self.warnings),
         }
 
