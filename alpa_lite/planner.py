@@ -112,11 +112,17 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
          method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
          num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
          donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
-         time_limit_s: float = 60.0) -> Plan:
-    """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API")."""
+         time_limit_s: float = 60.0, progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API").
+
+    ``progress``, when given, is called with each phase's name as it starts: "tracing",
+    "strategies", "ILP", "DP" (the CLI shows them on a terminal).
+    """
+    progress = progress or (lambda phase: None)
     if method not in METHODS:
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
     if num_stages not in (None, 1):
+        progress("DP")
         from alpa_lite.pipeline_planner import plan_pipeline
 
         return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
@@ -125,6 +131,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                              static_argnums=static_argnums, time_limit_s=time_limit_s)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    progress("tracing")
     mesh, cluster = resolve_mesh(mesh, cluster)
     static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
     graph = trace(fn, *args, static_argnums=static)
@@ -132,6 +139,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     timings["trace_s"] = time.perf_counter() - t0
     ties, tied_args = find_ties(graph, args, static, out_example)
     t1 = time.perf_counter()
+    progress("strategies")
     sgraph = build_strategies(graph, cluster)
     timings["strategies_s"] = time.perf_counter() - t1
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
@@ -142,6 +150,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                                      state, batch, _state_groups(args, static, tied_args or [0]))
         masks = baseline_masks(method, sgraph, specs, state)
     t2 = time.perf_counter()
+    progress("ILP")
     iop = build_problem(sgraph, ties, budget, masks)
     timings["ilp_build_s"] = time.perf_counter() - t2
     sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
