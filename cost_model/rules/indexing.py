@@ -9,7 +9,8 @@
   dims, plus the scatter dims of the updates that are not batching dims: split the updates and
   indices there and the output is a partial sum over that axis (each device adds its share of
   the updates; XLA keeps the operand on one device of the group and zeros elsewhere). Only a
-  sum combines that way: scatter (overwrite), mul, min and max get the window/batching splits.
+  sum combines that way: scatter (overwrite), mul, min and max get the window/batching splits,
+  and so does scatter-sub, which XLA does not partition as a sum (it all-gathers the updates).
 - slice, dynamic_slice, dynamic_update_slice, pad, concatenate, split, rev: a dim the op
   leaves at full extent (not sliced, padded, joined or reversed) may be split, in every array
   operand and output alike; index operands and pad values are scalars and stay replicated.
@@ -97,17 +98,18 @@ def _scatter_strategies(ctx: RuleContext, operands: Sequence[TensorInfo], dnums:
     return einsum_strategies(ctx, loops, operands)
 
 
-# A partial sum is only what an *additive* scatter leaves: Σ_devices (own updates) = all updates.
-_ADDITIVE = [lax.scatter_add_p] + [p for p in [getattr(lax, "scatter_sub_p", None)] if p]
-
-
-@register_strategy(*_ADDITIVE)
+@register_strategy(lax.scatter_add_p)
 def _scatter_add(ctx: RuleContext, *operands: TensorInfo, dimension_numbers: Any,
                  **_: Any) -> list[Strategy]:
     return _scatter_strategies(ctx, operands, dimension_numbers, partial_ok=True)
 
 
-@register_strategy(lax.scatter_p, lax.scatter_mul_p, lax.scatter_min_p, lax.scatter_max_p)
+# scatter-sub would sum the same way, but XLA (jax 0.10.2) all-gathers its updates instead.
+_NOT_ADDITIVE = [lax.scatter_p, lax.scatter_mul_p, lax.scatter_min_p, lax.scatter_max_p] + [
+    p for p in [getattr(lax, "scatter_sub_p", None)] if p is not None]
+
+
+@register_strategy(*_NOT_ADDITIVE)
 def _scatter(ctx: RuleContext, *operands: TensorInfo, dimension_numbers: Any,
              **_: Any) -> list[Strategy]:
     return _scatter_strategies(ctx, operands, dimension_numbers, partial_ok=False)
