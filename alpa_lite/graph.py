@@ -35,6 +35,8 @@ class TensorInfo:
     def itemsize(self) -> int:
         if self.dtype == "bool":
             return 1
+        if self.dtype.startswith("key<"):
+            return 8  # a threefry PRNG key is two uint32 words
         import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
 
         return np.dtype(self.dtype).itemsize
