@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jax.extend.core import primitives as P
+
 from alpa_lite.graph import TensorInfo
 from alpa_lite.hlo_names import ELEMENTWISE
 from alpa_lite.specs import ShardingSpec
@@ -25,7 +27,8 @@ def follow(spec: ShardingSpec, out: TensorInfo, operand: TensorInfo) -> Sharding
     return ShardingSpec(dims)
 
 
-@register_strategy(*ELEMENTWISE)
+# with_sharding_constraint is an identity whose output spec the builder then fixes.
+@register_strategy(*ELEMENTWISE, P.sharding_constraint_p)
 def _elementwise(ctx: RuleContext, *operands: TensorInfo, **_: Any) -> list[Strategy]:
     out = ctx.out
     return [ctx.strategy(str(s), [s] * len(ctx.outs), [follow(s, out, t) for t in operands], operands)
