@@ -4,18 +4,20 @@ A node u is a follower of v when u has at least one in-edge, every in-edge of u 
 u has no more strategies than v, every strategy of v can be followed at zero resharding cost,
 no edge goes u -> v (it would become a self-loop) and no in-edge v -> u points backwards
 (v > u: a tie such as a step output feeding the next step's input, not a follower). Merging u
-into v fixes u's strategy as a function of v's:
+into v fixes u's strategy as a function of v's: with R = Σ_(in-edges v->u) R_vu,
 
-    j(i) = argmin_j ( c_u[j] + Σ_(in-edges v->u) R[i, j] )        (ties: smallest j)
-    c_v[i]      += c_u[j(i)] + Σ_(in-edges) R[i, j(i)]
+    j(i) = argmin_{j : R[i, j] = 0} c_u[j]      (follow v for free; ties: smallest j)
+    c_v[i]      += c_u[j(i)]                  (+ R[i, j(i)], which is 0)
     R'_vw[i, k]  = R_uw[j(i), k]            for every out-edge u -> w
     m_v,t[i]    += m_u[j(i)]                for every live set t that holds u
                                             (``Reduced.memory_rows``, once merging is done)
 
-Nodes are visited from the highest index down (reverse program order), to a fixed point, so a
-sink is merged before the node it follows and a chain or out-tree collapses exactly (a dynamic
-program from the leaves). Elsewhere j(i) ignores u's other neighbours and memory, so merging is
-a heuristic; ``IlpOptions(merge_followers=False)`` keeps the model exact.
+Nodes are visited from the highest index down (reverse program order), to a fixed point, so
+chains of followers collapse into their first node. j(i) ignores u's other neighbours, its other
+strategies and memory: merging is exact when following is optimal (e.g. a chain of followers
+whose costs do not depend on their strategy, each with one out-edge, when resharding costs obey
+the triangle inequality, as cheapest-path resharding does), a heuristic otherwise;
+``IlpOptions(merge_followers=False)`` keeps the model exact.
 """
 
 from __future__ import annotations

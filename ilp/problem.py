@@ -1,0 +1,170 @@
+"""The ILP's input and output as plain frozen data, and ``evaluate`` to score a choice.
+
+A problem is a graph: every node (an op) picks one strategy out of ``len(node_costs[v])``; an
+edge charges a resharding cost for the pair of strategies at its two ends; memory is bounded at
+every program point over the nodes alive there. ``np.inf`` marks a forbidden strategy (node
+cost) or a forbidden pair (edge cost). Arrays are copied to read-only float64 on construction.
+
+Array-holding classes use ``eq=False``: the generated ``__eq__`` would compare numpy arrays and
+fail with "truth value of an array is ambiguous", so they compare by identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
+    array = np.array(values, dtype=np.float64)
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Edge:
+    """Resharding cost between node ``src`` and node ``dst``.
+
+    ``cost[i, j]`` is the seconds charged when ``src`` takes strategy ``i`` and ``dst`` takes
+    strategy ``j``; ``np.inf`` forbids that pair.
+    """
+
+    src: int
+    dst: int
+    cost: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", int(self.src))
+        object.__setattr__(self, "dst", int(self.dst))
+        object.__setattr__(self, "cost", _frozen_array(self.cost, 2, "Edge.cost"))
+
+
+@dataclass(frozen=True, eq=False)
+class IlpProblem:
+    """One intra-op planning problem; ``validate`` runs on construction.
+
+    node_costs: per node, seconds per strategy (compute + its own communication); np.inf forbids.
+    edges: several edges between one pair add up; an edge may point "backwards" (ties).
+    memory: per node, bytes per device each strategy keeps alive.
+    live_sets: per program point, the nodes alive there.
+    memory_budget: bytes per device; None means unbounded.
+    names: optional node names, used in messages.
+    """
+
+    node_costs: tuple[np.ndarray, ...]
+    edges: tuple[Edge, ...]
+    memory: tuple[np.ndarray, ...]
+    live_sets: tuple[tuple[int, ...], ...]
+    memory_budget: float | None = None
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        costs = tuple(
+            _frozen_array(c, 1, f"node_costs[{v}]") for v, c in enumerate(self.node_costs)
+        )
+        memory = tuple(_frozen_array(m, 1, f"memory[{v}]") for v, m in enumerate(self.memory))
+        live_sets = tuple(tuple(int(v) for v in live) for live in self.live_sets)
+        object.__setattr__(self, "node_costs", costs)
+        object.__setattr__(self, "memory", memory)
+        object.__setattr__(self, "edges", tuple(self.edges))
+        object.__setattr__(self, "live_sets", live_sets)
+        object.__setattr__(self, "names", tuple(self.names))
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", float(self.memory_budget))
+        validate(self)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_costs)
+
+    def name(self, v: int) -> str:
+        return self.names[v] if self.names else f"node {v}"
+
+
+@dataclass(frozen=True)
+class IlpOptions:
+    """How to solve. ``num_workers=1`` with a fixed seed makes CP-SAT deterministic when it
+    finishes within its limits; ``deterministic_time`` (CP-SAT's ``max_deterministic_time``)
+    bounds the search reproducibly, unlike the wall-clock ``time_limit_s``."""
+
+    time_limit_s: float = 30.0
+    num_workers: int = 1
+    random_seed: int = 0
+    merge_followers: bool = True
+    deterministic_time: float | None = None
+    log_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class IlpSolution:
+    """A solved problem. ``choice`` is on the original nodes; ``objective`` is recomputed in float
+    from it; ``bound`` and ``gap`` are CP-SAT's, for the model it solved (after merging)."""
+
+    choice: tuple[int, ...]
+    status: str
+    objective: float
+    bound: float
+    gap: float
+    wall_s: float
+    num_variables: int
+    num_constraints: int
+    peak_memory: float
+
+
+def validate(problem: IlpProblem) -> None:
+    """Raise ValueError when shapes, indices or values are inconsistent."""
+    n = problem.num_nodes
+    if len(problem.memory) != n:
+        raise ValueError(f"memory has {len(problem.memory)} entries for {n} nodes")
+    for v, (c, m) in enumerate(zip(problem.node_costs, problem.memory, strict=True)):
+        if c.size == 0:
+            raise ValueError(f"node {v} has no strategy")
+        if m.shape != c.shape:
+            raise ValueError(f"node {v}: memory shape {m.shape} != cost shape {c.shape}")
+        if np.isnan(c).any() or (c == -np.inf).any():
+            raise ValueError(f"node {v}: costs must be finite or +inf")
+        if not np.isfinite(m).all() or (m < 0).any():
+            raise ValueError(f"node {v}: memory must be finite and non-negative")
+    for k, e in enumerate(problem.edges):
+        if not (0 <= e.src < n and 0 <= e.dst < n) or e.src == e.dst:
+            raise ValueError(f"edge {k} ({e.src} -> {e.dst}) is a self-loop or out of range")
+        want = (problem.node_costs[e.src].size, problem.node_costs[e.dst].size)
+        if e.cost.shape != want:
+            raise ValueError(f"edge {k} ({e.src} -> {e.dst}): cost shape {e.cost.shape} != {want}")
+        if np.isnan(e.cost).any() or (e.cost == -np.inf).any():
+            raise ValueError(f"edge {k}: costs must be finite or +inf")
+    for t, live in enumerate(problem.live_sets):
+        if any(not 0 <= v < n for v in live):
+            raise ValueError(f"live set {t} names a node out of range: {live}")
+    if problem.names and len(problem.names) != n:
+        raise ValueError(f"{len(problem.names)} names for {n} nodes")
+    if problem.memory_budget is not None and np.isnan(problem.memory_budget):
+        raise ValueError("memory_budget is NaN")
+
+
+def evaluate(problem: IlpProblem, choice) -> tuple[float, float]:
+    """``(cost_seconds, peak_memory_bytes)`` of a choice of one strategy per node.
+
+    cost = Σ_v c_v[choice_v] + Σ_edges R[choice_src, choice_dst] (np.inf if anything forbidden);
+    peak = max over live sets t of Σ_{v in t} m_v[choice_v] (0 without live sets). A node that
+    appears twice in a live set counts once.
+    """
+    choice = tuple(int(i) for i in choice)
+    if len(choice) != problem.num_nodes:
+        raise ValueError(f"choice has {len(choice)} entries for {problem.num_nodes} nodes")
+    cost = sum(float(c[i]) for c, i in zip(problem.node_costs, choice, strict=True))
+    cost += sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in problem.edges)
+    peak = max(
+        (sum(float(problem.memory[v][choice[v]]) for v in set(live)) for live in problem.live_sets),
+        default=0.0,
+    )
+    return cost, peak
