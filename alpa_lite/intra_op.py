@@ -82,9 +82,35 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
         add_edge(t, node, specs, -1)
     problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), _live_sets(sgraph),
                          memory_budget, names=tuple(str(op) for op in g.ops)
-                         + tuple(f"output{p}" for p in sink_outputs))
+                         + tuple(f"output{p}" for p in sink_outputs), follow=_follow_maps(sgraph))
     return IntraOpProblem(sgraph, problem, tuple(refs), tuple(sink_tensors), tuple(sink_outputs),
                           tuple(sink_specs), dict(ties))
+
+
+def _follow_maps(sgraph: StrategyGraph) -> dict[int, tuple[int, np.ndarray]]:
+    """For an op reading one multi-strategy producer (constants aside): which of its strategies
+    takes that producer's output exactly as produced (-1: none, e.g. a partial sum). These are
+    the followers Alpa merges into their operand."""
+    g, strats = sgraph.graph, sgraph.strategies
+    follow = {}
+    for op in g.ops:
+        srcs = {(g.producer[t], pos) for pos, t in enumerate(op.operands)
+                if len(strats[g.producer[t]]) > 1}
+        if len({v for v, _ in srcs}) != 1 or op.index in sgraph.unconstrained:
+            continue
+        v = next(iter(srcs))[0]
+        if len(strats[op.index]) > len(strats[v]):
+            continue
+        positions = [pos for src, pos in srcs]
+        k = g.ops[v].outputs.index(op.operands[positions[0]])
+        index: dict[ShardingSpec, int] = {}
+        for j, s in enumerate(strats[op.index]):
+            key = s.in_specs[positions[0]]
+            if all(s.in_specs[p] == key for p in positions):
+                index.setdefault(key, j)
+        follow[op.index] = (v, np.array([index.get(s.out_specs[k], -1) if not s.out_specs[k].is_partial
+                                          else -1 for s in strats[v]], dtype=np.int64))
+    return follow
 
 
 def _sink_specs(sgraph: StrategyGraph, t: int) -> list[ShardingSpec]:

@@ -22,9 +22,13 @@ the triangle inequality, as cheapest-path resharding does), a heuristic otherwis
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ilp.reduced import Reduced
+
+Follow = Mapping[int, tuple[int, np.ndarray]]
 
 
 class _Index:
@@ -38,32 +42,48 @@ class _Index:
             self.ins[dst].add(k)
 
 
-def _leader_of(red: Reduced, index: _Index, u: int) -> int | None:
+def _sources(red: Reduced, index: _Index, u: int) -> set[int]:
+    """Nodes with an edge into u, leaving out single-strategy nodes (constants): their edges are
+    a fixed cost row of u, folded into u's costs on merging."""
+    return {red.edges[k][0] for k in index.ins[u] if red.costs[red.edges[k][0]].size > 1}
+
+
+def _leader_of(red: Reduced, index: _Index, u: int, follow: Follow | None) -> int | None:
     """The node u follows, or None when u is not a follower."""
-    sources = {red.edges[k][0] for k in index.ins[u]}
+    sources = _sources(red, index, u)
     if len(sources) != 1:
         return None
     (v,) = sources
     if v > u or any(red.edges[k][1] == v for k in index.outs[u]):
         return None
-    # Alpa merges only true followers: u has no more strategies than v and, whatever v picks,
-    # u can follow it at zero resharding cost. Merging a node that must pay on the edge (e.g. the
-    # reduction of a partial sum) or that has more choices than its leader (a broadcast of a
-    # scalar) would fix its choice by a local best response and lose plans.
+    if follow is not None:
+        # The caller says which strategy of u *is* each strategy of v (same layout): Alpa's
+        # meaning of "follow". Merge only when every strategy of v has one.
+        f = follow.get(u)
+        return v if f is not None and f[0] == v and bool(np.all(f[1] >= 0)) else None
+    # Without that knowledge: u has no more strategies than v and, whatever v picks, u can
+    # follow it at zero resharding cost.
     if red.costs[u].size > red.costs[v].size:
         return None
-    reshard = sum(red.edges[k][2] for k in index.ins[u])
+    reshard = sum(red.edges[k][2] for k in index.ins[u] if red.edges[k][0] == v)
     if not np.all(np.any(reshard == 0, axis=1)):
         return None
     return v
 
 
-def _merge(red: Reduced, index: _Index, u: int, v: int) -> None:
+def _merge(red: Reduced, index: _Index, u: int, v: int, follow: Follow | None) -> None:
     """Fold follower u into v (formulas in the module docstring)."""
+    for k in [k for k in index.ins[u] if red.edges[k][0] != v]:  # constants: a fixed cost row
+        src, _, matrix = red.edges.pop(k)
+        red.costs[u] = red.costs[u] + matrix[0]
+        index.outs[src].discard(k)
+        index.ins[u].discard(k)
     reshard = sum(red.edges[k][2] for k in index.ins[u])
-    # Follow at zero resharding cost; among those columns take the cheapest (ties: smallest j).
-    total = np.where(reshard == 0, red.costs[u][None, :], np.inf) + reshard
-    j = np.argmin(total, axis=1)
+    if follow is not None:
+        j = np.asarray(follow[u][1], dtype=np.int64)
+    else:
+        # Follow at zero resharding cost; among those columns the cheapest (ties: smallest j).
+        j = np.argmin(np.where(reshard == 0, red.costs[u][None, :], np.inf) + reshard, axis=1)
     total = red.costs[u][None, :] + reshard
     red.costs[v] = red.costs[v] + total[np.arange(j.size), j]
     for k in index.ins[u]:
@@ -77,17 +97,20 @@ def _merge(red: Reduced, index: _Index, u: int, v: int) -> None:
     del red.costs[u], index.ins[u], index.outs[u]
 
 
-def merge_followers(red: Reduced) -> int:
-    """Merge followers into their leaders in place until none is left; return how many merged."""
+def merge_followers(red: Reduced, follow: Follow | None = None) -> int:
+    """Merge followers into their leaders in place until none is left; return how many merged.
+
+    ``follow[u] = (v, j)``: strategy ``j[i]`` of u is the same layout as strategy i of v (-1:
+    none). Given, it alone decides who follows whom and how."""
     index = _Index(red)
     merged = 0
     changed = True
     while changed:
         changed = False
         for u in sorted(red.costs, reverse=True):
-            v = _leader_of(red, index, u) if u in red.costs else None
+            v = _leader_of(red, index, u, follow) if u in red.costs else None
             if v is not None:
-                _merge(red, index, u, v)
+                _merge(red, index, u, v, follow)
                 merged += 1
                 changed = True
     return merged

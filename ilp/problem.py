@@ -11,6 +11,7 @@ fail with "truth value of an array is ambiguous", so they compare by identity.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,9 @@ class IlpProblem:
     live_sets: tuple[tuple[int, ...], ...]
     memory_budget: float | None = None
     names: tuple[str, ...] = ()
+    # follow[u] = (v, j): strategy j[i] of node u lays out its value as strategy i of node v does
+    # (-1: none). Lets merging fold u into v the way Alpa does; without it a heuristic is used.
+    follow: Mapping[int, tuple[int, np.ndarray]] | None = None
 
     def __post_init__(self) -> None:
         costs = tuple(

@@ -123,7 +123,7 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
 def _reduce(problem: IlpProblem, merged: bool) -> tuple[Reduced, Simplified]:
     tick = time.perf_counter()
     red = Reduced.from_problem(problem)
-    count = merge_followers(red) if merged else 0
+    count = merge_followers(red, problem.follow) if merged else 0
     simple = simplify(red)
     logger.info(
         "reduced %d nodes to %d leaders (%d followers merged) in %.3f s",
