@@ -27,7 +27,7 @@ from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import StrategyGraph, build_strategies
 from cost_model.resharding import reshard
-from ilp import IlpOptions, IlpSolution, solve
+from ilp import IlpOptions, IlpSolution, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.planner")
 METHODS = ("auto", *BASELINES)
@@ -153,13 +153,46 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     progress("ILP")
     iop = build_problem(sgraph, ties, budget, masks)
     timings["ilp_build_s"] = time.perf_counter() - t2
-    sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    note = ""
+    try:
+        sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    except NoSolutionError:
+        if method != "auto":
+            raise
+        iop, sol, note = _fallback_to_baseline(sgraph, ties, budget, args, static, tied_args,
+                                               batch_argnums, time_limit_s)
     timings["ilp_solve_s"] = sol.wall_s
     donate = tuple(tied_args) if donate_argnums is None else tuple(donate_argnums)
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
-                           num_args=len(args), timings=timings)
+                           num_args=len(args), timings=timings, note=note)
     timings["total_s"] = time.perf_counter() - t0
     return result
+
+
+def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: float, args: Sequence[Any],
+                          static: Sequence[int], tied_args: Sequence[int], batch_argnums: Sequence[int] | None,
+                          time_limit_s: float) -> tuple[IntraOpProblem, IlpSolution, str]:
+    """CP-SAT found no plan in time: take the cheapest hand strategy that solves, and say so."""
+    graph = sgraph.graph
+    state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
+    groups = _state_groups(args, static, tied_args or [0])
+    best = None
+    for m in BASELINES:
+        try:
+            specs = baseline_input_specs(m, graph, sgraph.cluster.axis_sizes, sgraph.cluster.axis_names,
+                                         state, batch, groups)
+            iop = build_problem(sgraph, ties, budget, baseline_masks(m, sgraph, specs, state))
+            # Inputs fixed, a baseline's model is far smaller: give it time enough to be a fallback.
+            sol = solve(iop.problem, IlpOptions(time_limit_s=max(time_limit_s, 30.0)))
+        except PlanningError:
+            continue
+        if best is None or sol.objective < best[1].objective:
+            best = (iop, sol, m)
+    if best is None:
+        raise NoSolutionError(f"no plan found within time_limit_s={time_limit_s:g}, and no baseline "
+                              "plan either: raise time_limit_s") from None
+    log.warning("CP-SAT found no plan within %.3g s; falling back to the %s baseline", time_limit_s, best[2])
+    return best[0], best[1], f"ILP timed out: fell back to the {best[2]} baseline"
 
 
 def _eval_shape_static(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
@@ -195,7 +228,7 @@ def _state_and_batch(args: Sequence[Any], static: Sequence[int], tied_args: Sequ
 
 def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: Any,
                   static: Sequence[int], donate: Sequence[int], num_args: int,
-                  timings: dict[str, float]) -> Plan:
+                  timings: dict[str, float], note: str = "") -> Plan:
     sg: StrategyGraph = iop.sgraph
     g, cluster = sg.graph, sg.cluster
     n_ops = len(g.ops)
@@ -231,7 +264,7 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
             resh += cost
     cost = PlanCost(compute, comm, resh, sol.peak_memory)
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
-                        sol.num_variables, sol.num_constraints)
+                        sol.num_variables, sol.num_constraints, note)
     stage = StageInfo((0, max(g.num_layers - 1, 0)), tuple(cluster.mesh_shape),
                       tuple(range(cluster.num_devices)), cost.total_s, sol.peak_memory)
     warnings = tuple(f"no sharding rule for {p}: left to XLA, costed as replicated"

@@ -36,5 +36,27 @@ def compile_plan(plan: Any, fn: Callable[..., Any], mesh: Any = None,
         if tuple(op.kind for op in graph.ops) != plan.op_kinds:
             raise PlanFileError("this function does not trace to the program the plan was made "
                                 "for (its ops differ): plan it again")
-    return make_jit(graph, plan.layouts, mesh, ClusterSpec.from_dict(plan.cluster), plan.input_specs, plan.output_specs,
-                    plan.num_args, plan.static_argnums, plan.donate_argnums)
+    jitted = make_jit(graph, plan.layouts, mesh, ClusterSpec.from_dict(plan.cluster), plan.input_specs,
+                      plan.output_specs, plan.num_args, plan.static_argnums, plan.donate_argnums)
+    return CompiledPlan(plan, jitted)
+
+
+class CompiledPlan:
+    """The jitted program of a one-stage plan, checking arguments against the plan's signature
+    first (a clear ``SignatureError`` instead of a shape error deep inside the program).
+    Everything else (``lower``, ``trace``, ``eval_shape``) is the ``jax.jit`` function's."""
+
+    def __init__(self, plan: Any, jitted: Any) -> None:
+        self._plan = plan
+        self.jitted = jitted
+
+    def __call__(self, *args: Any) -> Any:
+        self._plan.check_signature(args)
+        return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        self._plan.check_signature(args)
+        return self.jitted.lower(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.jitted, name)
