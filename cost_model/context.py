@@ -50,8 +50,12 @@ class RuleContext:
 
     def strategy(self, name: str, out_specs: Sequence[ShardingSpec],
                  in_specs: Sequence[ShardingSpec], ins: Sequence[TensorInfo],
-                 collectives: Sequence[Collective] = (), flops: float | None = None) -> Strategy:
-        """A strategy with its roofline compute time, own-collective time and output memory."""
+                 collectives: Sequence[Collective] = (), flops: float | None = None,
+                 fused: bool = False) -> Strategy:
+        """A strategy with its roofline compute time, own-collective time and output memory.
+
+        ``fused``: XLA fuses element-wise ops (and broadcasts) into their neighbours' kernels, so
+        they cost their FLOPs only, not a pass over memory of their own."""
         from cost_model.collectives import collective_time
 
         out_specs, in_specs = tuple(out_specs), tuple(in_specs)
@@ -60,7 +64,8 @@ class RuleContext:
         total = self.flops if flops is None else flops
         out_mem = sum(self.local_bytes(t, s) for t, s in zip(self.outs, out_specs))
         in_mem = sum(self.local_bytes(t, s) for t, s in zip(ins, in_specs))
-        compute = self.compute_time(total / split, out_mem + in_mem) if (total or out_mem) else 0.0
+        touched = 0.0 if fused else out_mem + in_mem
+        compute = self.compute_time(total / split, touched) if (total or touched) else 0.0
         comm = sum(collective_time(c, self.cluster) for c in collectives)
         return Strategy(name, out_specs, in_specs, compute, comm, out_mem, tuple(collectives))
 

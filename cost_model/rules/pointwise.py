@@ -31,5 +31,5 @@ def follow(spec: ShardingSpec, out: TensorInfo, operand: TensorInfo) -> Sharding
 @register_strategy(*ELEMENTWISE, P.sharding_constraint_p)
 def _elementwise(ctx: RuleContext, *operands: TensorInfo, **_: Any) -> list[Strategy]:
     out = ctx.out
-    return [ctx.strategy(str(s), [s] * len(ctx.outs), [follow(s, out, t) for t in operands], operands)
-            for s in ctx.specs(out.shape)]
+    return [ctx.strategy(str(s), [s] * len(ctx.outs), [follow(s, out, t) for t in operands], operands,
+                         fused=True) for s in ctx.specs(out.shape)]

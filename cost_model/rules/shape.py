@@ -31,7 +31,7 @@ def _broadcast(ctx: RuleContext, x: TensorInfo, *dyn: TensorInfo, shape: Sequenc
         dims = tuple(s.dims[od] if x.shape[i] == out.shape[od] else ()
                      for i, od in enumerate(broadcast_dimensions))
         ins = [ShardingSpec(dims)] + [ShardingSpec.replicated(t.rank) for t in dyn]
-        result.append(ctx.strategy(str(s), [s], ins, [x, *dyn]))
+        result.append(ctx.strategy(str(s), [s], ins, [x, *dyn], fused=True))
     return result
 
 
