@@ -1,0 +1,66 @@
+"""Shared pieces of the benchmark scripts: 8 CPU devices, model configs, table printing."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+
+MESHES = {"8": (8,), "2x4": (2, 4), "4x2": (4, 2)}
+
+
+def model_configs(smallest: bool = False) -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
+    """Name → zero-argument function giving (train_step, example args), small enough for 8 CPU
+    devices. Models whose example module is missing are left out (said on stderr)."""
+    from examples.mlp import make_example as mlp
+
+    configs: dict[str, Callable[[], Any]] = {
+        "mlp-dp": lambda: mlp(batch=1024, hidden=64, dim=64, layers=2),
+        "mlp-tp": lambda: mlp(batch=16, hidden=1024, dim=64, layers=2),
+    }
+    if smallest:
+        return {"mlp-tp": configs["mlp-tp"]}
+    optional = {"gpt": "examples.gpt", "bert": "examples.bert", "moe": "examples.moe",
+                "wide_resnet": "examples.wide_resnet"}
+    for name, module in optional.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            print(f"[bench] skipping {name}: {e}", file=__import__("sys").stderr)
+            continue
+        configs[name] = mod.target
+    return configs
+
+
+def machine() -> str:
+    return (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Markdown table (also what bench/README.md holds)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text + "\n")
+    return text
+
+
+def write_json(path: str | None, data: Any) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, default=str)
