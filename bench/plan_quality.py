@@ -7,6 +7,8 @@ time of each plan on the DGX-H100 preset (the same program, costed for H100s).
 
 from __future__ import annotations
 
+# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
+
 import argparse
 import math
 
