@@ -51,11 +51,83 @@ class PredictedCollective:
 
 @dataclass(frozen=True)
 class StageInfo:
+    """One pipeline stage (the whole program when there is one stage). In a pipeline ``cost_s``
+    is t_i + u_i, ``t_s`` its forward+backward per microbatch, ``u_s`` its once-per-step work,
+    ``view`` the logical (dp, tp) shape of its sub-mesh, ``memory_bytes`` per device with its
+    in-flight microbatches' activations."""
+
     layers: tuple[int, int]
     submesh: tuple[int, ...]
     devices: tuple[int, ...]
     cost_s: float
     memory_bytes: float
+    view: tuple[int, ...] = ()
+    t_s: float = 0.0
+    u_s: float = 0.0
+    inflight: int = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The intra-op plan of one layer's forward+backward graph on its stage's view."""
+
+    view: tuple[int, int]
+    layouts: tuple[OpLayout, ...]
+    in_specs: tuple[ShardingSpec, ...]
+    out_specs: tuple[ShardingSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"view": list(self.view), "layouts": _layouts_out(self.layouts),
+                "in_specs": [str(s) for s in self.in_specs],
+                "out_specs": [str(s) for s in self.out_specs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
+        P = ShardingSpec.parse
+        return cls(tuple(int(x) for x in d["view"]), _layouts_in(d["layouts"]),
+                   tuple(P(x) for x in d["in_specs"]), tuple(P(x) for x in d["out_specs"]))
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a multi-stage plan adds: microbatches, schedule, the predicted step
+    T = Σ t_i + (B − 1)·max t_i + max u_i, and each layer's plan (for compile)."""
+
+    num_microbatches: int
+    schedule: str
+    step_s: float
+    bubble_fraction: float
+    one_stage_s: float | None  # the one-stage plan's predicted step, when it was planned
+    layer_starts: tuple[int, ...]  # first loss equation of each layer
+    batch_leaves: tuple[int, ...]  # flat inputs split into microbatches
+    state_leaves: tuple[int, ...]  # flat inputs of the carried state
+    layer_plans: tuple[LayerPlan, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("num_microbatches", "schedule", "step_s",
+                                           "bubble_fraction", "one_stage_s")}
+        d.update(layer_starts=list(self.layer_starts), batch_leaves=list(self.batch_leaves),
+                 state_leaves=list(self.state_leaves),
+                 layer_plans=[lp.to_dict() for lp in self.layer_plans])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineInfo:
+        one = d.get("one_stage_s")
+        return cls(int(d["num_microbatches"]), str(d["schedule"]), float(d["step_s"]),
+                   float(d["bubble_fraction"]), None if one is None else float(one),
+                   tuple(int(x) for x in d["layer_starts"]), tuple(int(x) for x in d["batch_leaves"]),
+                   tuple(int(x) for x in d["state_leaves"]),
+                   tuple(LayerPlan.from_dict(x) for x in d["layer_plans"]))
+
+
+def _layouts_out(layouts: Sequence[OpLayout]) -> list[Any]:
+    return [[[str(s) for s in lay.outs], [str(s) for s in lay.ins], lay.free] for lay in layouts]
+
+
+def _layouts_in(rows: Sequence[Any]) -> tuple[OpLayout, ...]:
+    P = ShardingSpec.parse
+    return tuple(OpLayout(tuple(P(s) for s in o), tuple(P(s) for s in i), bool(f)) for o, i, f in rows)
 
 
 @dataclass(frozen=True)
@@ -90,6 +162,7 @@ class Plan:
     cluster: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    pipeline: PipelineInfo | None = None  # a multi-stage plan
     # Not saved: rebuilt by compile(fn).
     graph: Any = None
     mesh: Any = None
@@ -139,7 +212,12 @@ class Plan:
 
     def compile(self, fn: Callable[..., Any], mesh: Any = None,
                 example_args: Sequence[Any] | None = None) -> Any:
-        """A function equal to ``fn`` that runs this plan (one stage: a ``jax.jit`` function)."""
+        """A function equal to ``fn`` that runs this plan (one stage: a ``jax.jit`` function;
+        a pipeline: a ``PipelineRunner``)."""
+        if self.pipeline is not None:
+            from alpa_lite.pipeline_runtime import compile_pipeline
+
+            return compile_pipeline(self, fn, mesh=mesh, example_args=example_args)
         from alpa_lite.runtime import compile_plan
 
         return compile_plan(self, fn, mesh=mesh, example_args=example_args)
@@ -154,7 +232,12 @@ class Plan:
     def summary(self) -> str:
         from alpa_lite.report import plan_summary
 
-        return plan_summary(self)
+        text = plan_summary(self)
+        if self.pipeline is not None:
+            from alpa_lite.pipeline_report import pipeline_summary
+
+            text += "\n" + pipeline_summary(self)
+        return text
 
     def __str__(self) -> str:
         return self.summary()
@@ -180,12 +263,14 @@ class Plan:
             "solver": dict(self.solver.__dict__),
             "stages": [{"layers": list(s.layers), "submesh": list(s.submesh),
                         "devices": list(s.devices), "cost_s": s.cost_s,
-                        "memory_bytes": s.memory_bytes} for s in self.stages],
+                        "memory_bytes": s.memory_bytes, "view": list(s.view), "t_s": s.t_s,
+                        "u_s": s.u_s, "inflight": s.inflight} for s in self.stages],
             "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
             "num_args": self.num_args,
             # Through JSON, so tuples read as lists: to_dict() equals that of the reloaded plan.
             "cluster": json.loads(json.dumps(self.cluster)), "timings": self.timings,
             "warnings": list(self.warnings),
+            "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -230,12 +315,15 @@ class Plan:
                                                   str(c["where"])) for c in d["collectives"]),
             solver=SolverInfo(**d["solver"]),
             stages=tuple(StageInfo(tuple(s["layers"]), tuple(s["submesh"]), tuple(s["devices"]),
-                                   float(s["cost_s"]), float(s["memory_bytes"]))
+                                   float(s["cost_s"]), float(s["memory_bytes"]),
+                                   tuple(s.get("view", ())), float(s.get("t_s", 0.0)),
+                                   float(s.get("u_s", 0.0)), int(s.get("inflight", 1)))
                          for s in d["stages"]),
             static_argnums=tuple(d["static_argnums"]), donate_argnums=tuple(d["donate_argnums"]),
             num_args=int(d["num_args"]), cluster=dict(d["cluster"]),
             timings={k: float(v) for k, v in d["timings"].items()},
             warnings=tuple(d.get("warnings", ())),
+            pipeline=None if d.get("pipeline") is None else PipelineInfo.from_dict(d["pipeline"]),
         )
 
     def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:

@@ -43,6 +43,16 @@ def register_inline(primitive: Any, jaxpr_param: str) -> None:
     _INLINE[primitive] = jaxpr_param
 
 
+# Identity primitives marking layer boundaries (``al.mark_layer``): their outputs are their
+# inputs (no op); value: whether an equation (given its params) starts a new layer.
+_LAYER_MARKERS: dict[Any, Callable[[dict[str, Any]], bool]] = {}
+
+
+def register_layer_marker(primitive: Any, starts_layer: Callable[[dict[str, Any]], bool]) -> None:
+    """Treat ``primitive`` as an identity that may start a new layer (``Op.layer``)."""
+    _LAYER_MARKERS[primitive] = starts_layer
+
+
 @dataclass
 class _Builder:
     tensors: list[TensorInfo] = field(default_factory=list)
@@ -101,7 +111,10 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int])
     for eqn in jaxpr.eqns:
         ins = [read(x) for x in eqn.invars]
         prim = eqn.primitive
-        if prim in _INLINE:
+        if prim in _LAYER_MARKERS:
+            outs = ins
+            b.layer += bool(_LAYER_MARKERS[prim](eqn.params))
+        elif prim in _INLINE:
             outs = _inline(b, eqn, ins)
         else:
             outs = [b.new_tensor(v.aval) for v in eqn.outvars]
@@ -180,6 +193,6 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
     out_ids = _walk(b, closed.jaxpr, closed.consts, in_ids)
     out_tree = jax.tree.structure(out_shape)
     g = OpGraph(tuple(b.tensors), tuple(b.ops), tuple(in_ids), tuple(out_ids), in_tree,
-                out_tree, dict(b.fixed))
+                out_tree, dict(b.fixed), num_layers=b.layer + 1)
     log.info("traced %s", g.summary())
     return g

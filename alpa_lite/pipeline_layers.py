@@ -1,0 +1,175 @@
+"""One layer's forward and backward as an op graph, its intra-op plan on a logical view, and the
+split of that plan into a forward half and a backward half that run as separate programs.
+
+A layer's graph G is the traced ``Layer.fwd_bwd``: inputs are the layer's inputs then the
+cotangents of its differentiable outputs; outputs are its outputs then the gradients of its
+differentiable inputs. The intra-op ILP solves G once per distinct layer and logical view
+(``solve_layer``, memoised): a weight's gradient is tied to the weight's spec (the accumulator
+and the update see one layout) and an activation's gradient to that activation's spec.
+
+G's ops that depend on a cotangent form the backward half, the rest the forward half; the
+tensors the backward half reads from the forward half are the residuals a stage holds per
+microbatch in flight (weights, read again by the backward, are not counted: they are held
+once).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.emit import OpLayout
+from alpa_lite.graph import Op, OpGraph
+from alpa_lite.intra_op import build_problem
+from alpa_lite.pipeline_program import Layer
+from alpa_lite.specs import ShardingSpec
+from alpa_lite.tracer import trace
+from cost_model.builder import build_strategies
+from ilp import IlpOptions, solve
+
+log = logging.getLogger("alpa_lite.pipeline")
+
+VIEW_AXES = ("dp", "tp")  # logical view of a sub-mesh: (data-parallel, tensor-parallel) sizes
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGraph:
+    """G of one layer with its forward/backward split (tensor and op ids of ``graph``)."""
+
+    graph: OpGraph
+    num_inputs: int  # layer inputs; the cotangents follow
+    num_outputs: int  # layer outputs; the gradients follow
+    weight_inputs: frozenset[int]  # input positions that are weights (held once, not per microbatch)
+    fwd_ops: tuple[int, ...]
+    bwd_ops: tuple[int, ...]
+    residuals: tuple[int, ...]  # tensors made by the forward half that the backward half reads
+
+    @property
+    def ct_tensors(self) -> tuple[int, ...]:
+        return self.graph.inputs[self.num_inputs:]
+
+    @property
+    def grad_tensors(self) -> tuple[int, ...]:
+        return self.graph.outputs[self.num_outputs:]
+
+
+def layer_graph(layer: Layer, weights: frozenset[Any]) -> LayerGraph:
+    """Trace ``layer.fwd_bwd`` and split it (``weights``: the loss inputs that are weights)."""
+    g = trace(layer.fwd_bwd(), *layer.fwd_bwd_avals())
+    g = OpGraph(g.tensors, g.ops, g.inputs, g.outputs, g.in_tree, g.out_tree, {}, g.num_layers)
+    n_in = len(layer.inputs)
+    bwd_t = set(g.inputs[n_in:])
+    bwd_ops = []
+    for op in g.ops:
+        if op.kind == "parameter" and op.outputs[0] in bwd_t:
+            bwd_ops.append(op.index)
+        elif op.kind not in ("parameter", "constant") and any(t in bwd_t for t in op.operands):
+            bwd_ops.append(op.index)
+            bwd_t.update(op.outputs)
+    bwd_set = set(bwd_ops)
+    fwd_ops = tuple(op.index for op in g.ops if op.index not in bwd_set)
+    made_fwd = {t for v in fwd_ops for t in g.ops[v].outputs if g.ops[v].kind != "constant"}
+    need = [t for v in bwd_ops for t in g.ops[v].operands if t in made_fwd]
+    need += [t for t in g.outputs[len(layer.outputs):] if t in made_fwd]
+    weights_pos = frozenset(k for k, v in enumerate(layer.inputs) if v in weights)
+    return LayerGraph(g, n_in, len(layer.outputs), weights_pos, fwd_ops, tuple(bwd_ops),
+                      tuple(dict.fromkeys(need)))
+
+
+@dataclass(frozen=True, eq=False)
+class LayerSolution:
+    """G's intra-op plan on one logical view, per microbatch."""
+
+    view: tuple[int, int]
+    layouts: tuple[OpLayout, ...]  # per op of G
+    in_specs: tuple[ShardingSpec, ...]  # per G input (layer inputs, then cotangents)
+    out_specs: tuple[ShardingSpec, ...]  # per G output (layer outputs, then gradients)
+    compute_s: float
+    communication_s: float
+    resharding_s: float
+    weight_bytes: float  # per device, the layer's weights
+    residual_bytes: float  # per device, held from forward to backward per microbatch
+    peak_bytes: float  # per device, the ILP's peak for one forward+backward
+    status: str
+    wall_s: float
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.communication_s + self.resharding_s
+
+
+def view_cluster(cluster: ClusterSpec, view: tuple[int, int]) -> ClusterSpec:
+    return cluster.with_mesh(view, VIEW_AXES)
+
+
+def _ties(layer: Layer, lg: LayerGraph) -> dict[int, int]:
+    """Gradient of input k (a differentiable one) → input k: it leaves in the input's spec."""
+    din = [k for k, d in enumerate(layer.diff_in) if d]
+    return {lg.num_outputs + j: k for j, k in enumerate(din)}
+
+
+def solve_layer(layer: Layer, lg: LayerGraph, signature: str, cluster: ClusterSpec,
+                view: tuple[int, int], time_limit_s: float) -> LayerSolution:
+    """The ILP of G on ``view``; memoised on (signature, view, cluster figures)."""
+    key = (signature, tuple(view), _cluster_key(cluster), round(time_limit_s, 3))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    sol = _solve(layer, lg, view_cluster(cluster, view), view, time_limit_s)
+    _CACHE[key] = sol
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    return sol
+
+
+_CACHE: dict[Any, LayerSolution] = {}
+_CACHE_SIZE = 4096
+
+
+def _cluster_key(cluster: ClusterSpec) -> str:
+    """The hardware figures (not the mesh view): what a layer's costs depend on besides it."""
+    d = cluster.to_dict()
+    d.pop("mesh_shape", None)
+    d.pop("axis_names", None)
+    return repr(sorted(d.items()))
+
+
+def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, int],
+           time_limit_s: float) -> LayerSolution:
+    from alpa_lite.planner import assemble_plan  # the one-stage plan assembly, reused
+
+    sg = build_strategies(lg.graph, cluster)
+    iop = build_problem(sg, _ties(layer, lg), None)
+    sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    p = assemble_plan(iop, sol, method="auto", mesh=None, static=(), donate=(),
+                      num_args=len(lg.graph.inputs), timings={})
+    g, sizes = lg.graph, cluster.axis_sizes
+    local = {}
+    for op, lay in zip(g.ops, p.layouts):
+        for t, s in zip(op.outputs, lay.outs):
+            local[t] = g.tensors[t].nbytes / max(_split(s, sizes), 1)
+    weights = [g.inputs[k] for k in lg.weight_inputs]
+    resid = sum(local.get(t, g.tensors[t].nbytes) for t in lg.residuals if t not in weights)
+    return LayerSolution(tuple(view), p.layouts, p.input_specs, p.output_specs, p.cost.compute_s,
+                         p.cost.communication_s, p.cost.resharding_s,
+                         float(sum(local[t] for t in weights)), float(resid),
+                         float(p.cost.peak_memory_bytes), sol.status, sol.wall_s)
+
+
+def _split(spec: ShardingSpec, sizes: dict[str, int]) -> int:
+    n = 1
+    for axes in spec.dims:
+        for a in axes:
+            n *= sizes[a]
+    return n
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def parameter_op(index: int, tensor: int, op_index: int) -> Op:
+    """A parameter op (flat input ``index``) producing ``tensor``, for a half's sub-graph."""
+    return Op(op_index, "parameter", (), (tensor,), None, {"index": index})

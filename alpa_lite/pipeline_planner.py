@@ -1,0 +1,484 @@
+"""``plan_pipeline``: Alpa's inter-op pass, a training step cut into stages on sub-meshes.
+
+1. Split the step around its ``al.value_and_grad`` (``pipeline_program``) for B microbatches and
+   cut the loss into L layers (``al.mark_layer`` boundaries, else FLOPs-balanced clustering).
+2. Solve every distinct layer's forward+backward with the intra-op ILP once per logical view
+   (dp, tp) of every candidate sub-mesh shape (``pipeline_layers``).
+3. Compose stage costs (t_i per microbatch, u_i per step, memory with in-flight activations) in
+   ``dp_stages.stage_costs`` and run the stage DP (``stage_dp``; ``stage_dp_count`` when
+   ``num_stages`` is given): T = Σ t_i + (B − 1)·max t_i + max u_i.
+4. B (``num_microbatches``) is chosen among powers of two dividing the batch when not given;
+   with ``num_stages=None`` the one-stage plan (``al.plan(..., num_stages=1)``) is a candidate
+   too and wins ties, so the chosen plan is never predicted slower than it.
+
+What the runtime does shapes what is charged: gradients of data-parallel weights are reduced per
+microbatch inside each stage's backward (XLA reduces at the dot that makes them), so that
+all-reduce is in t_i; u_i is the optimizer update on the stage's weights (and their state).
+Activations crossing a stage boundary are charged to t_i at the cross-host link when the
+cluster has several hosts (the DP does not know whether neighbours share a host).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jax
+import numpy as np
+
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.pipeline_layers import LayerGraph, LayerSolution, layer_graph, solve_layer, view_cluster
+from alpa_lite.pipeline_program import Layer, StepProgram, cut_layers, layer_starts, split_step, tensor_info
+from alpa_lite.plan_result import LayerPlan, PipelineInfo, Plan, PlanCost, SolverInfo, StageInfo
+from alpa_lite.specs import ShardingSpec
+from cost_model.resharding import reshard
+from dp_stages import logical_views, stage_dp, submesh_shapes
+from dp_stages.stage_costs import SCHEDULES, LayerCosts, Link, StageTables, bubble_fraction, stage_tables
+from dp_stages.stage_count import stage_dp_count
+
+log = logging.getLogger("alpa_lite.pipeline")
+
+# Per-layer ILP wall-clock limit: layers are small (one block's forward+backward); CP-SAT
+# proves most optimal in well under a second.
+LAYER_TIME_LIMIT_S = 10.0
+MAX_MICROBATCHES = 64
+
+
+@dataclass(frozen=True)
+class _Settings:
+    cluster: ClusterSpec
+    hosts: int
+    per_host: int
+    budget: float
+    num_stages: int | None
+    schedule: str
+    num_layers: int | None
+    layer_time_limit_s: float
+    static: tuple[int, ...]
+    state: tuple[int, ...]
+    batch: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A pipeline for one microbatch count: the program, its layers, their plans, the DP result."""
+
+    prog: StepProgram
+    layers: list[Layer]
+    sigs: list[str]
+    graphs: dict[str, LayerGraph]
+    sols: dict[tuple[str, tuple[int, int]], LayerSolution]
+    views: list[tuple[int, int]]
+    submeshes: tuple[tuple[int, int], ...]
+    tables: StageTables
+    stages: tuple[tuple[int, int, int], ...]
+    cost: float
+    ilp_s: float
+
+
+def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
+                  method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
+                  num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
+                  static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
+                  num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S) -> Plan:
+    """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower)."""
+    from alpa_lite.planner import _state_and_batch, find_ties, plan, resolve_mesh
+
+    if method != "auto":
+        raise PlanningError(f"pipeline stages are planned with method='auto' (got {method!r}); use "
+                            "num_stages=1 for a baseline")
+    if schedule not in SCHEDULES:
+        raise PlanningError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if num_stages is not None and num_stages < 1:
+        raise PlanningError(f"num_stages must be >= 1, got {num_stages}")
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    mesh, cluster = resolve_mesh(mesh, cluster)
+    static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
+    out_example = _eval_shape(fn, args, static)
+    _, tied = find_ties(None, args, static, out_example)
+    state, batch = _state_and_batch(args, static, tied, batch_argnums)
+    hosts, per_host = _hosts(cluster)
+    budget = cluster.device.memory if memory_budget is None else float(memory_budget)
+    st = _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers,
+                   min(layer_time_limit_s, time_limit_s), static, tuple(state), tuple(batch))
+    one_stage = lambda: plan(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,  # noqa: E731
+                             num_stages=1, batch_argnums=batch_argnums, static_argnums=static_argnums,
+                             time_limit_s=time_limit_s)
+    best = _search_microbatches(fn, args, st, num_microbatches, timings)
+    if best is None and num_stages is None:
+        return one_stage()
+    if best is None:
+        raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
+                            "al.value_and_grad (the loss it pipelines)")
+    if not np.isfinite(best.cost):
+        if num_stages is None:
+            return one_stage()
+        raise InfeasibleError(f"no {num_stages}-stage pipeline fits {budget:.4g} bytes per device: raise "
+                              "memory_budget, use more microbatches or another num_stages")
+    one = None
+    if num_stages is None:
+        t1 = time.perf_counter()
+        try:
+            one = one_stage()
+        except InfeasibleError:
+            one = None
+        timings["one_stage_s"] = time.perf_counter() - t1
+        if one is not None and (len(best.stages) == 1 or one.cost.total_s <= best.cost):
+            note = (f"one stage chosen: the best pipeline ({len(best.stages)} stages, "
+                    f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
+            return replace(one, solver=replace(one.solver, note=note))
+    timings["total_s"] = time.perf_counter() - t0
+    return _assemble(fn, args, mesh, st, best, one, timings)
+
+
+def _eval_shape(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
+    from alpa_lite.planner import _eval_shape_static
+
+    return jax.eval_shape(fn, *args) if not static else _eval_shape_static(fn, args, static)
+
+
+def _hosts(cluster: ClusterSpec) -> tuple[int, int]:
+    per_host = min(cluster.devices_per_host, cluster.num_devices)
+    if cluster.num_devices % per_host:
+        raise PlanningError(f"{cluster.num_devices} devices do not split into hosts of {per_host}")
+    return cluster.num_devices // per_host, per_host
+
+
+def _microbatch_counts(batch_size: int, given: int | None) -> list[int]:
+    if given is not None:
+        return [int(given)]
+    return [b for b in (2 ** k for k in range(7)) if b <= min(batch_size, MAX_MICROBATCHES)
+            and batch_size % b == 0]
+
+
+def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings,
+                         given: int | None, timings: dict[str, float]) -> Candidate | None:
+    """The best candidate over B; stops after two Bs in a row that do not improve."""
+    leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
+    sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
+    batch_size = min(sizes) if sizes else 1
+    best, worse = None, 0
+    for B in _microbatch_counts(batch_size, given):
+        cand = _plan_for(fn, args, st, B, timings)
+        if cand is None:
+            return None
+        log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
+        if best is None or cand.cost < best.cost:
+            best, worse = cand, 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    return best
+
+
+def _add_time(timings: dict[str, float], key: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
+
+
+def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int,
+              timings: dict[str, float]) -> Candidate | None:
+    tick = time.perf_counter()
+    prog = split_step(fn, args, st.static, st.state, st.batch, B)
+    if prog is None:
+        return None
+    layers = cut_layers(prog.loss, layer_starts(prog.loss, st.num_layers, _auto_layers(st)))
+    if st.num_stages is not None and len(layers) < st.num_stages:
+        raise PlanningError(f"the loss has {len(layers)} layers, fewer than num_stages={st.num_stages}: "
+                            "mark more boundaries with al.mark_layer")
+    weights = frozenset(v for v, m in zip(prog.loss.invars, prog.micro) if not m)
+    sigs = [layer.signature() for layer in layers]
+    graphs: dict[str, LayerGraph] = {}
+    for layer, sig in zip(layers, sigs):
+        if sig not in graphs:
+            graphs[sig] = layer_graph(layer, weights)
+    tick = _add_time(timings, "trace_s", tick)
+    submeshes, sub_views, views = _candidate_views(st)
+    sols, ilp_s = {}, 0.0
+    for layer, sig in zip(layers, sigs):
+        for v in views:
+            if (sig, v) not in sols:
+                sols[(sig, v)] = solve_layer(layer, graphs[sig], sig, st.cluster, v, st.layer_time_limit_s)
+                ilp_s += sols[(sig, v)].wall_s
+    tick = _add_time(timings, "layer_ilp_s", tick)
+    factor = _weight_factor(prog, args, st)
+    costs = _layer_costs(prog, layers, sigs, graphs, sols, views, st, factor)
+    links = tuple(_send_link(st, s) for s in submeshes)
+    tables = stage_tables(costs, submeshes, sub_views, st.hosts, st.per_host, B, st.budget, links,
+                          factor, st.schedule)
+    if st.num_stages is None:
+        cost, sp = stage_dp(tables.dp_input)
+    else:
+        cost, sp = stage_dp_count(tables.dp_input, st.num_stages)
+    _add_time(timings, "dp_s", tick)
+    stages = sp.stages if sp is not None else ()
+    return Candidate(prog, layers, sigs, graphs, sols, views, submeshes, tables, stages, float(cost), ilp_s)
+
+
+def _auto_layers(st: _Settings) -> int:
+    """Layers to cluster into when none are marked: a few per possible stage."""
+    return max(8, 2 * (st.num_stages or 1))
+
+
+def _candidate_views(st: _Settings):
+    """Sub-mesh shapes (those usable in an exact cover by num_stages stages), each with its
+    logical views (tp within a host; in one host (a, b) and (b, a) are one problem)."""
+    shapes = submesh_shapes(st.hosts, st.per_host)
+    if st.num_stages is not None:
+        shapes = _coverable(shapes, st.hosts * st.per_host, st.num_stages)
+    views: list[tuple[int, int]] = []
+    per_shape = []
+    for shape in shapes:
+        vs = [v for v in logical_views(shape) if v[1] <= st.per_host and (shape[0] > 1 or v[0] >= v[1])]
+        per_shape.append(tuple(_index(views, v) for v in vs))
+    return tuple(shapes), tuple(per_shape), views
+
+
+def _index(items: list[Any], x: Any) -> int:
+    if x not in items:
+        items.append(x)
+    return items.index(x)
+
+
+def _coverable(shapes: list[tuple[int, int]], total: int, k: int) -> list[tuple[int, int]]:
+    """Shapes that appear in some choice of k shapes with device counts summing to ``total``."""
+    sizes = sorted({h * m for h, m in shapes})
+    reach = [{0}]  # reach[c]: device sums of c shapes
+    for _ in range(k):
+        reach.append({r + s for r in reach[-1] for s in sizes if r + s <= total})
+    return [sh for sh in shapes if total - sh[0] * sh[1] in reach[k - 1]]
+
+
+def _send_link(st: _Settings, shape: tuple[int, int]) -> Link:
+    link = st.cluster.inter_host if st.hosts > 1 else st.cluster.intra_host
+    return Link(link.alpha, link.beta)
+
+
+def _weight_factor(prog: StepProgram, args: Sequence[Any], st: _Settings) -> float:
+    """Bytes held per weight byte: the carried state (weights + optimizer state) per weight
+    byte, plus the gradient accumulator."""
+    leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
+    state = sum(tensor_info(_aval(leaves[k])).nbytes for k in st.state)
+    loss = prog.loss
+    weights = sum(tensor_info(v.aval).nbytes for v, d in zip(loss.invars, loss.diff_invars) if d)
+    return 1.0 + max(state / weights, 1.0) if weights else 2.0
+
+
+def _aval(x: Any) -> Any:
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x))
+
+
+def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
+                 sols: dict[Any, LayerSolution], views: list[tuple[int, int]], st: _Settings,
+                 factor: float) -> LayerCosts:
+    """Per layer and view: t (the ILP's forward+backward plus gradient accumulation), u (the
+    update: reading and writing ``factor`` bytes per weight byte), memory figures."""
+    L, V = len(layers), len(views)
+    hbm = st.cluster.device.hbm_bandwidth
+    arr = {k: np.zeros((L, V)) for k in ("t", "u", "w", "r", "p")}
+    for li, sig in enumerate(sigs):
+        diff_w = _diff_weight_fraction(layers[li], graphs[sig])
+        for v, view in enumerate(views):
+            s = sols[(sig, view)]
+            # accumulating a microbatch's gradients reads two buffers and writes one
+            arr["t"][li, v] = s.time_s + 3 * s.weight_bytes * diff_w / hbm
+            arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm
+            arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
+    pair = _pair_costs(layers, sigs, sols, views, st.cluster)
+    fwd, bwd = _send_bytes(layers, prog)
+    return LayerCosts(tuple(views), arr["t"], arr["u"], arr["w"], arr["r"], arr["p"], pair, fwd, bwd)
+
+
+def _diff_weight_fraction(layer: Layer, lg: LayerGraph) -> float:
+    w = [k for k in lg.weight_inputs]
+    total = sum(tensor_info(layer.inputs[k].aval).nbytes for k in w)
+    diff = sum(tensor_info(layer.inputs[k].aval).nbytes for k in w if layer.diff_in[k])
+    return diff / total if total else 0.0
+
+
+def _producers(layers: list[Layer]) -> dict[Any, tuple[int, int]]:
+    return {v: (i, k) for i, layer in enumerate(layers) for k, v in enumerate(layer.outputs)}
+
+
+def _pair_costs(layers: list[Layer], sigs: list[str], sols: dict[Any, LayerSolution],
+                views: list[tuple[int, int]], cluster: ClusterSpec) -> np.ndarray:
+    """pair[a, b, v]: moving layer a's outputs into layer b's specs (and their gradients back)."""
+    L, V = len(layers), len(views)
+    pair = np.zeros((L, L, V))
+    made = _producers(layers)
+    for b, layer in enumerate(layers):
+        for kb, var in enumerate(layer.inputs):
+            if var not in made:
+                continue
+            a, ka = made[var]
+            t = tensor_info(var.aval)
+            for v, view in enumerate(views):
+                vc = view_cluster(cluster, view)
+                sa, sb = sols[(sigs[a], view)], sols[(sigs[b], view)]
+                cost = reshard(sa.out_specs[ka], sb.in_specs[kb], t, vc)[0]
+                if layer.diff_in[kb] and layers[a].diff_out[ka]:
+                    cost += reshard(sb.out_specs[_grad_pos(layer, kb)],
+                                    sa.in_specs[_ct_pos(layers[a], ka)], t, vc)[0]
+                pair[a, b, v] += cost
+    return pair
+
+
+def _grad_pos(layer: Layer, k: int) -> int:
+    """Position among G's outputs of the gradient of input k."""
+    return len(layer.outputs) + sum(layer.diff_in[:k])
+
+
+def _ct_pos(layer: Layer, k: int) -> int:
+    """Position among G's inputs of the cotangent of output k."""
+    return len(layer.inputs) + sum(layer.diff_out[:k])
+
+
+def _send_bytes(layers: list[Layer], prog: StepProgram) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes crossing each cut c (between layer c-1 and c): activations, and their gradients."""
+    L = len(layers)
+    fwd, bwd = np.zeros(L + 1), np.zeros(L + 1)
+    made = _producers(layers)
+    last: dict[Any, int] = {}
+    for b, layer in enumerate(layers):
+        for var in layer.inputs:
+            if var in made:
+                last[var] = b
+    for var, b in last.items():
+        a, k = made[var]
+        n = tensor_info(var.aval).nbytes
+        fwd[a + 1:b + 1] += n
+        if layers[a].diff_out[k]:
+            bwd[a + 1:b + 1] += n
+    return fwd, bwd
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+def place_stages(shapes: Sequence[tuple[int, int]], hosts: int, per_host: int) -> list[tuple[int, ...]]:
+    """Devices (host-major indices) of each stage: whole hosts for (k, M) sub-meshes, best fit
+    in one host for (1, m) ones, largest first so that the packing always succeeds."""
+    free = [list(range(h * per_host, (h + 1) * per_host)) for h in range(hosts)]
+    out: list[tuple[int, ...]] = [()] * len(shapes)
+    for s in sorted(range(len(shapes)), key=lambda s: -shapes[s][0] * shapes[s][1]):
+        k, m = shapes[s]
+        if k > 1 or m == per_host:
+            hs = [h for h in range(hosts) if len(free[h]) == per_host][:k]
+            if len(hs) < k:
+                raise PlanningError(f"cannot place sub-mesh {shapes[s]}: not enough free hosts")
+            out[s] = tuple(d for h in hs for d in free[h])
+            for h in hs:
+                free[h] = []
+            continue
+        fits = [h for h in range(hosts) if len(free[h]) >= m]
+        if not fits:
+            raise PlanningError(f"cannot place sub-mesh {shapes[s]}: no host has {m} free devices")
+        h = min(fits, key=lambda h: (len(free[h]), h))
+        out[s], free[h] = tuple(free[h][:m]), free[h][m:]
+    return out
+
+
+def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Settings, c: Candidate,
+              one: Plan | None, timings: dict[str, float]) -> Plan:
+    from alpa_lite.tracer import trace
+
+    B = c.prog.num_microbatches
+    tab, dpi = c.tables, c.tables.dp_input
+    shapes = [c.submeshes[s] for _, _, s in c.stages]
+    devices = place_stages(shapes, st.hosts, st.per_host)
+    stages, layer_plans, parts = [], [None] * len(c.layers), []
+    t_list = [float(dpi.compute_cost[i, j, s]) for i, j, s in c.stages]
+    for p, ((i, j, s), devs) in enumerate(zip(c.stages, devices)):
+        view = c.views[int(tab.view[i, j, s])]
+        t, u = float(dpi.compute_cost[i, j, s]), float(dpi.once_cost[i, j, s])
+        held = B if st.schedule == "gpipe" else min(B, len(c.stages) - p)
+        stages.append(StageInfo((i, j), c.submeshes[s], devs, t + u, tab.memory_bytes(i, j, s, held),
+                                view, t, u, held))
+        for li in range(i, j + 1):
+            sol = c.sols[(c.sigs[li], view)]
+            layer_plans[li] = LayerPlan(view, sol.layouts, sol.in_specs, sol.out_specs)
+        parts.append(_stage_parts(c, i, j, view, t))
+    graph = trace(fn, *args, static_argnums=st.static)
+    info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
+                        None if one is None else one.cost.total_s,
+                        tuple(layer.first_eqn for layer in c.layers), c.prog.batch_leaves,
+                        c.prog.state_leaves, tuple(layer_plans))
+    in_specs = _input_specs(c, graph, layer_plans)
+    sols = {id(x): x for x in c.sols.values()}.values()
+    worst = "OPTIMAL" if all(x.status == "OPTIMAL" for x in sols) else "FEASIBLE"
+    # The DP is exact on its tables: bound = objective; the layer ILPs' own gaps are not summed.
+    note = (f"pipeline: {len(c.graphs)} distinct layers × {len(c.views)} views solved by the "
+            "intra-op ILP; stages by the stage DP")
+    solver = SolverInfo(worst, c.cost, c.cost, 0.0, c.ilp_s, 0, 0, note=note)
+    return Plan(method="auto", mesh_shape=tuple(st.cluster.mesh_shape), axis_names=tuple(st.cluster.axis_names),
+                signature=tuple((t.shape, t.dtype) for t in (graph.tensors[i] for i in graph.inputs)),
+                input_specs=in_specs, output_specs=_output_specs(graph, in_specs, args, st, fn),
+                layouts=(), op_kinds=(), cost=_plan_cost(parts, t_list, stages, B),
+                collectives=(), solver=solver, stages=tuple(stages), static_argnums=st.static,
+                donate_argnums=(), num_args=len(args), cluster=st.cluster.to_dict(), timings=timings,
+                pipeline=info, graph=graph, mesh=mesh)
+
+
+def _stage_parts(c: Candidate, i: int, j: int, view: tuple[int, int], t: float) -> tuple[float, float, float]:
+    """(compute, communication, resharding) of one microbatch on a stage; the rest of t (sends,
+    resharding between its layers, gradient accumulation) is split off as communication."""
+    sols = [c.sols[(c.sigs[li], view)] for li in range(i, j + 1)]
+    comp = sum(s.compute_s for s in sols)
+    comm = sum(s.communication_s for s in sols)
+    resh = sum(s.resharding_s for s in sols)
+    return comp, comm + max(t - comp - comm - resh, 0.0), resh
+
+
+def _plan_cost(parts: list[tuple[float, float, float]], t_list: list[float], stages: list[StageInfo],
+               B: int) -> PlanCost:
+    """T split into compute / communication / resharding: each stage weighted by how often it
+    counts in T (the slowest one B times), plus the largest u as compute."""
+    slow = int(np.argmax(t_list))
+    w = [1 + (B - 1) * (p == slow) for p in range(len(parts))]
+    comp = sum(wi * p[0] for wi, p in zip(w, parts)) + max(s.u_s for s in stages)
+    comm = sum(wi * p[1] for wi, p in zip(w, parts))
+    resh = sum(wi * p[2] for wi, p in zip(w, parts))
+    return PlanCost(comp, comm, resh, max(s.memory_bytes for s in stages))
+
+
+def weight_owner(c_layers: Sequence[Layer], var: Any) -> int | None:
+    """The first layer that reads loss input ``var``."""
+    for layer in c_layers:
+        if var in layer.inputs:
+            return layer.index
+    return None
+
+
+def _input_specs(c: Candidate, graph: Any, layer_plans: Sequence[LayerPlan]) -> tuple[ShardingSpec, ...]:
+    """Each flat input's spec on its stage's view: a weight as its first layer reads it, the
+    rest replicated (the batch is split per microbatch at run time)."""
+    vag = c.prog.vag
+    outer_in = {v: p for p, v in enumerate(c.prog.jaxpr.invars)}
+    specs = [ShardingSpec.replicated(graph.tensors[t].rank) for t in graph.inputs]
+    for k, (operand, var) in enumerate(zip(vag.invars, c.prog.loss.invars)):
+        p = outer_in.get(operand)
+        li = weight_owner(c.layers, var)
+        if p is None or li is None or c.prog.micro[k]:
+            continue
+        spec = layer_plans[li].in_specs[c.layers[li].inputs.index(var)]
+        if spec.rank == specs[p].rank:
+            specs[p] = spec
+    return tuple(specs)
+
+
+def _output_specs(graph: Any, in_specs: Sequence[ShardingSpec], args: Sequence[Any], st: _Settings,
+                  fn: Callable[..., Any]) -> tuple[ShardingSpec, ...]:
+    from alpa_lite.planner import find_ties
+
+    ties, _ = find_ties(graph, args, st.static, _eval_shape(fn, args, st.static))
+    return tuple(in_specs[ties[p]] if p in ties else ShardingSpec.replicated(graph.tensors[t].rank)
+                 for p, t in enumerate(graph.outputs))
+
+
+__all__ = ["Candidate", "place_stages", "plan_pipeline"]
