@@ -67,7 +67,8 @@ def plan_html(plan: Any) -> str:
             f"gap {plan.solver.gap:.2%}</p>")
     if pipeline_of(plan) is not None:
         head += f"<p class='sub'>{escape(pipeline_text(plan)).replace(chr(10), '<br>')}</p>"
-    top = (f"<div class='row'><div style='max-width:560px'><h4>Mesh and stages</h4>{mesh_svg(plan)}{_stage_legend(plan)}</div>"
+    top = (f"<div class='row'><div style='max-width:560px'><h4>Mesh and stages</h4>{mesh_svg(plan)}"
+           f"{_stage_legend(plan)}</div>"
            f"<div><h4>Predicted cost per step</h4>{cost_svg(plan)}</div></div>")
     inputs, outputs = tensor_rows(plan, "in"), tensor_rows(plan, "out")
     body = (f"<h4>Inputs ({len(inputs)})</h4>{_tensor_table(inputs, 'alpa-lite-inputs', 'in')}"
