@@ -242,6 +242,11 @@ class Plan:
     def __str__(self) -> str:
         return self.summary()
 
+    def __repr__(self) -> str:
+        mesh = "x".join(map(str, self.mesh_shape))
+        return (f"<alpa_lite.Plan {self.method} on mesh {mesh} {self.axis_names}: {len(self.stages)} stage(s), "
+                f"predicted {self.cost.total_s * 1e3:.3f} ms, solver {self.solver.status}>")
+
     def _repr_html_(self) -> str:
         from alpa_lite.report import plan_html
 
