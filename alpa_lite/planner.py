@@ -121,7 +121,8 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     progress = progress or (lambda phase: None)
     if method not in METHODS:
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
-    if num_stages not in (None, 1):
+    if num_stages not in (None, 1) or (num_stages is None and method == "auto"
+                                       and _uses_pipeline_markers(fn, args, static_argnums)):
         progress("DP")
         from alpa_lite.pipeline_planner import plan_pipeline
 
@@ -195,6 +196,14 @@ def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: f
     return best[0], best[1], f"ILP timed out: fell back to the {best[2]} baseline"
 
 
+def _uses_pipeline_markers(fn: Callable[..., Any], args: Sequence[Any], static_argnums: Sequence[int]) -> bool:
+    """Whether ``fn`` computes its gradients with ``al.value_and_grad`` (one ``make_jaxpr``):
+    then ``num_stages=None`` weighs pipelines against one stage."""
+    from alpa_lite.pipeline_program import uses_value_and_grad
+
+    return uses_value_and_grad(fn, args, tuple(sorted(i % len(args) for i in static_argnums)) if args else ())
+
+
 def _eval_shape_static(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
     dyn = [a for i, a in enumerate(args) if i not in static]
 
@@ -262,7 +271,7 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
             comm += cost
         else:
             resh += cost
-    cost = PlanCost(compute, comm, resh, sol.peak_memory)
+    cost = PlanCost(float(compute), float(comm), float(resh), float(sol.peak_memory))
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
                         sol.num_variables, sol.num_constraints, note)
     stage = StageInfo((0, max(g.num_layers - 1, 0)), tuple(cluster.mesh_shape),
