@@ -5,7 +5,9 @@ that is not carried state: a sink takes any non-partial spec, so a partial-sum o
 charged its reduction. A carried output (a training step's new params / optimizer state) gets
 an edge to its input's parameter node instead, so it leaves in the spec it came in with.
 Edges: producer strategy i → consumer strategy j costs ``reshard(out_spec_i, in_spec_j)``.
-Memory at each program point: the output bytes of every op alive there.
+Memory at each program point: the output bytes of every op alive there, counted as XLA's
+``memory_analysis`` does (``_live_sets``: inputs for the whole program, carried state in its
+donated input's buffer, fused element-wise outputs not at all).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from alpa_lite.specs import ShardingSpec
 from cost_model.builder import StrategyGraph
+from cost_model.memory import live_until, materialised
 from cost_model.resharding import resharding_matrix
 from ilp import Edge, IlpProblem
 
@@ -80,7 +83,7 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
         node_costs.append(np.zeros(len(specs)))
         memory.append(np.zeros(len(specs)))
         add_edge(t, node, specs, -1)
-    problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), _live_sets(sgraph),
+    problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), _live_sets(sgraph, ties),
                          memory_budget, names=tuple(str(op) for op in g.ops)
                          + tuple(f"output{p}" for p in sink_outputs), follow=_follow_maps(sgraph))
     return IntraOpProblem(sgraph, problem, tuple(refs), tuple(sink_tensors), tuple(sink_outputs),
@@ -121,16 +124,27 @@ def _sink_specs(sgraph: StrategyGraph, t: int) -> list[ShardingSpec]:
     return list(dict.fromkeys(s.out_specs[k].without_partial() for s in sgraph.strategies[src]))
 
 
-def _live_sets(sgraph: StrategyGraph) -> tuple[tuple[int, ...], ...]:
-    """At each op that computes something: the ops whose outputs are alive there (a sweep)."""
+def _live_sets(sgraph: StrategyGraph, ties: Mapping[int, int]) -> tuple[tuple[int, ...], ...]:
+    """At each op that computes something: the ops whose outputs are alive there (a sweep).
+
+    Counted as XLA's ``memory_analysis`` does (arguments + outputs − aliased + temporaries):
+    inputs are alive for the whole program (the caller owns their buffers); carried state is
+    written into its donated input's buffer, so an op making a tied output adds nothing; and
+    only outputs XLA materialises count: an output fused into its readers keeps its own inputs
+    alive instead, until its last reader (``cost_model.memory``)."""
     g = sgraph.graph
+    tied = {g.outputs[p] for p in ties}
+    kept = frozenset(v for v in materialised(g) if not set(g.ops[v].outputs) <= tied)
+    until = list(live_until(g, kept))
+    for t in g.inputs:
+        until[g.producer[t]] = len(g.ops)
     dies: dict[int, list[int]] = {}
     for op in g.ops:
-        if op.outputs:
-            dies.setdefault(max(g.last_use[t] for t in op.outputs), []).append(op.index)
+        if op.outputs and op.index in kept:
+            dies.setdefault(until[op.index], []).append(op.index)
     sets, active, last = [], set(), None
     for op in g.ops:
-        if op.outputs:
+        if op.outputs and op.index in kept:
             active.add(op.index)
         if op.kind not in ("parameter", "constant"):
             live = tuple(sorted(active))

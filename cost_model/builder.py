@@ -65,6 +65,10 @@ def _op_strategies(graph: OpGraph, op: Op, cluster: ClusterSpec) -> tuple[list[S
         return [ctx.replicated(ins, "unconstrained")], False
     if not strats:
         return [ctx.replicated(ins)], True
+    if len(graph.consumers[op.outputs[0]]) + (op.outputs[0] in graph.outputs) > 1:
+        # A partial sum read more than once: offer it reduced at the op, so that one
+        # reduction serves every reader (``RuleContext.with_reduced``).
+        return ctx.with_reduced(strats), True
     return list(strats), True
 
 

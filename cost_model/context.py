@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from alpa_lite.cluster import ClusterSpec
@@ -68,6 +68,30 @@ class RuleContext:
         compute = self.compute_time(total / split, touched) if (total or touched) else 0.0
         comm = sum(collective_time(c, self.cluster) for c in collectives)
         return Strategy(name, out_specs, in_specs, compute, comm, out_mem, tuple(collectives))
+
+    def with_reduced(self, strats: Sequence[Strategy]) -> list[Strategy]:
+        """``strats`` plus, for each whose output is a partial sum, the same strategy reduced at
+        the op: its own all-reduce over the partial axes, the output leaving reduced.
+
+        A partial output is otherwise reduced on each out-edge, so a partial sum read by two
+        consumers in different specs would be charged two reductions, where the program reduces
+        once and reshards the reduced value (the emitter constrains a non-partial output right at
+        the op). Offering both lets the ILP share one reduction between consumers."""
+        from cost_model.collectives import all_reduce, collective_time
+
+        out = list(strats)
+        for s in strats:
+            spec = s.out_specs[0]
+            if not spec.partial or len(s.out_specs) != 1:
+                continue
+            reduced = spec.without_partial()
+            c = all_reduce(spec.partial, self.local_bytes(self.out, reduced), self.cluster)
+            if c is None:
+                continue
+            out.append(replace(s, name=f"{s.name}→reduced", out_specs=(reduced,),
+                               comm_s=s.comm_s + collective_time(c, self.cluster),
+                               collectives=(*s.collectives, c)))
+        return out
 
     def replicated(self, ins: Sequence[TensorInfo], name: str = "replicated") -> Strategy:
         return self.strategy(name, [ShardingSpec.replicated(t.rank) for t in self.outs],

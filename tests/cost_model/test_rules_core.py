@@ -292,7 +292,24 @@ def test_neighbours_of_a_missing_rule_keep_their_choices():
     graph = trace(lambda a, b: jnp.linalg.cholesky(a @ b), f32(8, 8), f32(8, 8))
     sg = build_strategies(graph, cluster("8"))
     (dot,) = [op.index for op in graph.ops if op.kind == "dot"]
-    assert len(sg.strategies[dot]) == 1 + 3
+    # R, m, n, k; the product has several readers, so the k split is also offered reduced.
+    assert len(sg.strategies[dot]) == 1 + 3 + 1
+
+
+def test_partial_sum_read_twice_is_offered_reduced_at_the_op():
+    """A k-split product read by two ops: one all-reduce at the dot serves both readers."""
+    def f(a, b):
+        y = a @ b
+        return jnp.sin(y) + jnp.cos(y).T
+
+    graph = trace(f, f32(64, 64), f32(64, 64))
+    sg = build_strategies(graph, cluster("8"))
+    (dot,) = [op.index for op in graph.ops if op.kind == "dot"]
+    strats = sg.strategies[dot]
+    reduced = [s for s in strats if s.name.endswith("→reduced")]
+    assert [str(s.out_spec) for s in reduced] == ["[R,R]"]
+    (c,) = reduced[0].collectives
+    assert (c.kind, c.nbytes) == ("all-reduce", 64 * 64 * 4)
 
 
 # ---- fixed specs -------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Shared checks of the model tests: prediction beside the compiled program, printed.
+
+``measure`` compiles a plan on the 8 CPU devices, prints the predicted and compiled wire bytes
+and per-device memory, and lists by kind the collectives XLA compiled beyond what the plan
+predicted (kinds whose compiled wire bytes exceed the prediction by more than 10%, or that the
+plan never asked for): the tests assert that list, so such additions are named, not hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from alpa_lite.hlo_stats import CompiledStats, stats_of
+from tests.helpers import fresh
+
+WIRE_TOLERANCE = 0.10
+MEMORY_TOLERANCE = 0.20
+
+
+@dataclass(frozen=True)
+class Measured:
+    name: str
+    predicted_wire: float
+    compiled: CompiledStats
+    predicted_memory: float
+    extra_kinds: tuple[str, ...]  # collective kinds XLA added beyond the plan's prediction
+
+    @property
+    def wire(self) -> float:
+        return self.compiled.wire_bytes
+
+    @property
+    def memory(self) -> float:
+        return float(self.compiled.memory_bytes)
+
+    def wire_error(self) -> float:
+        return abs(self.predicted_wire - self.wire) / max(self.wire, 1.0)
+
+    def memory_error(self) -> float:
+        return abs(self.predicted_memory - self.memory) / max(self.memory, 1.0)
+
+    def assert_predictions(self) -> None:
+        """Wire bytes within 10% (64 B slack for tiny programs), memory within 20%."""
+        assert abs(self.predicted_wire - self.wire) <= WIRE_TOLERANCE * self.wire + 64, str(self)
+        assert self.memory_error() <= MEMORY_TOLERANCE, str(self)
+
+    def __str__(self) -> str:
+        return (f"{self.name}: wire bytes predicted {self.predicted_wire:,.0f} compiled {self.wire:,.0f} "
+                f"({self.wire_error():.1%}); memory/device predicted {self.predicted_memory:,.0f} "
+                f"compiled {self.memory:,.0f} ({self.memory_error():.1%}); FLOPs/device "
+                f"{self.compiled.flops:,.0f}; XLA added: {list(self.extra_kinds) or 'nothing'}")
+
+
+def extra_kinds(plan: Any, stats: CompiledStats) -> tuple[str, ...]:
+    pred: dict[str, float] = {}
+    for c in plan.collectives:
+        pred[c.kind] = pred.get(c.kind, 0.0) + c.wire_bytes()
+    return tuple(sorted(k for k, (_, wire) in stats.by_kind().items()
+                        if wire > pred.get(k, 0.0) * (1 + WIRE_TOLERANCE) + 64))
+
+
+def measure(name: str, plan: Any, fn: Callable[..., Any], args: Sequence[Any]) -> Measured:
+    stats = stats_of(plan.compile(fn), *fresh(list(args)))
+    m = Measured(name, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes,
+                 extra_kinds(plan, stats))
+    print(m)
+    return m
