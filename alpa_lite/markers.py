@@ -81,13 +81,24 @@ def _argnums_tuple(argnums: int | Sequence[int], nargs: int) -> tuple[int, ...]:
     return tuple(a % nargs for a in nums)
 
 
-def _trace_loss(fun: Callable[..., Any], args: tuple[Any, ...], has_aux: bool):
-    """(loss jaxpr with consts hoisted, consts, out tree) of ``fun(*args)``, flat in args' leaves."""
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def _trace_loss(fun: Callable[..., Any], args: tuple[Any, ...], nums: Sequence[int], has_aux: bool):
+    """The loss jaxpr of ``fun(*args)`` (closure constants hoisted into leading inputs), flat in
+    the dynamic leaves: array leaves and the leaves of differentiated arguments. Other leaves
+    (Python numbers, strings) stay static, as ``jax.value_and_grad`` leaves them."""
     leaves, in_tree = jax.tree.flatten(args)
+    owner = [i for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+    dyn = [k for k, x in enumerate(leaves) if owner[k] in nums or _is_array(x)]
     aux_tree: list[Any] = []
 
     def flat_fun(*flat: Any) -> list[Any]:
-        out = fun(*jax.tree.unflatten(in_tree, flat))
+        full = list(leaves)
+        for k, x in zip(dyn, flat):
+            full[k] = x
+        out = fun(*jax.tree.unflatten(in_tree, full))
         loss, aux = out if has_aux else (out, None)
         if np.shape(loss) != ():
             raise TypeError("al.value_and_grad: the loss function must return a scalar, got "
@@ -96,7 +107,8 @@ def _trace_loss(fun: Callable[..., Any], args: tuple[Any, ...], has_aux: bool):
         aux_tree.append(tree)
         return [loss, *aux_leaves]
 
-    closed, shape = jax.make_jaxpr(flat_fun, return_shape=True)(*leaves)
+    dyn_leaves = [leaves[k] for k in dyn]
+    closed, shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_leaves)
     consts = list(closed.consts)
     nc = len(consts)
 
@@ -104,8 +116,9 @@ def _trace_loss(fun: Callable[..., Any], args: tuple[Any, ...], has_aux: bool):
         return jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, list(cl[:nc])))(*cl[nc:])
 
     specs = [jax.ShapeDtypeStruct(np.shape(c), c.dtype) for c in consts]
-    jaxpr = jax.make_jaxpr(hoisted)(*specs, *leaves)
-    return jaxpr, consts, leaves, in_tree, aux_tree[0], len(shape) - 1
+    jaxpr = jax.make_jaxpr(hoisted)(*specs, *dyn_leaves)
+    diff = tuple(owner[k] in nums for k in dyn)
+    return jaxpr, consts, dyn_leaves, diff, aux_tree[0], len(shape) - 1
 
 
 def _vag_jaxpr(jaxpr: ClosedJaxpr, num_consts: int, diff: Sequence[bool], num_aux: int,
@@ -136,10 +149,7 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
 
     def wrapped(*args: Any) -> Any:
         nums = _argnums_tuple(argnums, len(args))
-        jaxpr, consts, leaves, in_tree, aux_tree, num_aux = _trace_loss(fun, args, has_aux)
-        diff = []
-        for i, a in enumerate(args):
-            diff += [i in nums] * len(jax.tree.leaves(a))
+        jaxpr, consts, leaves, diff, aux_tree, num_aux = _trace_loss(fun, args, nums, has_aux)
         avals = [v.aval for v in jaxpr.jaxpr.invars]
         vag = _vag_jaxpr(jaxpr, len(consts), diff, num_aux, avals)
         outs = value_and_grad_p.bind(*consts, *leaves, jaxpr=jaxpr, vag_jaxpr=vag,

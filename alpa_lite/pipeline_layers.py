@@ -16,6 +16,7 @@ once).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from alpa_lite.pipeline_program import Layer
 from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import build_strategies
-from ilp import IlpOptions, solve
+from ilp import IlpOptions, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.pipeline")
 
@@ -142,7 +143,15 @@ def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, 
 
     sg = build_strategies(lg.graph, cluster)
     iop = build_problem(sg, _ties(layer, lg), None)
-    sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    # A wall-clock limit: a plan found within it may differ between runs (and processes of a
+    # multi-host job: plan on one and share the plan, README "Pipelines").
+    try:
+        sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+    except NoSolutionError:
+        log.warning("layer %d on view %s: no ILP solution within %.3g s; view not used",
+                    layer.index, view, time_limit_s)
+        return LayerSolution(tuple(view), (), (), (), math.inf, 0.0, 0.0, 0.0, 0.0, 0.0, "UNKNOWN",
+                             time_limit_s)
     p = assemble_plan(iop, sol, method="auto", mesh=None, static=(), donate=(),
                       num_args=len(lg.graph.inputs), timings={})
     g, sizes = lg.graph, cluster.axis_sizes

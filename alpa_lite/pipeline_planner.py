@@ -36,15 +36,17 @@ from alpa_lite.pipeline_program import Layer, StepProgram, cut_layers, layer_sta
 from alpa_lite.plan_result import LayerPlan, PipelineInfo, Plan, PlanCost, SolverInfo, StageInfo
 from alpa_lite.specs import ShardingSpec
 from cost_model.resharding import reshard
-from dp_stages import logical_views, stage_dp, submesh_shapes
+from dp_stages import logical_views as views_of
+from dp_stages import stage_dp, submesh_shapes
 from dp_stages.stage_costs import SCHEDULES, LayerCosts, Link, StageTables, bubble_fraction, stage_tables
 from dp_stages.stage_count import stage_dp_count
 
 log = logging.getLogger("alpa_lite.pipeline")
 
-# Per-layer ILP wall-clock limit: layers are small (one block's forward+backward); CP-SAT
-# proves most optimal in well under a second.
-LAYER_TIME_LIMIT_S = 10.0
+# Per-layer ILP limit (CP-SAT deterministic time, about seconds): a layer is one block's
+# forward+backward; on a 1-D view CP-SAT proves most optimal in well under a second, on a 2-D
+# view it may stop at a feasible plan (a worse one than another view's is simply not used).
+LAYER_TIME_LIMIT_S = 2.0
 MAX_MICROBATCHES = 64
 
 
@@ -58,6 +60,7 @@ class _Settings:
     schedule: str
     num_layers: int | None
     layer_time_limit_s: float
+    views: str
     static: tuple[int, ...]
     state: tuple[int, ...]
     batch: tuple[int, ...]
@@ -84,8 +87,17 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                   method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
                   num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
-                  num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S) -> Plan:
-    """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower)."""
+                  num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S,
+                  logical_views: str = "auto") -> Plan:
+    """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower).
+
+    Beyond ``al.plan``'s arguments: ``schedule`` ("gpipe" or "1f1b"), ``num_layers`` (cluster the
+    loss into this many layers even when it has markers), ``layer_time_limit_s`` (per layer ILP)
+    and ``logical_views``: "auto" (in one host the 1-D view, where every op may split any one
+    dimension over all devices; across k hosts also (k, M), hosts × a host's devices, where the
+    two links differ), "all" (every dp×tp with tp within a host: hybrids inside a host too, at a
+    much larger ILP: ~90k against ~5k variables for a GPT block on 2×2 against 4×1) or "1d".
+    """
     from alpa_lite.planner import _state_and_batch, find_ties, plan, resolve_mesh
 
     if method != "auto":
@@ -93,6 +105,8 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                             "num_stages=1 for a baseline")
     if schedule not in SCHEDULES:
         raise PlanningError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if logical_views not in ("auto", "all", "1d"):
+        raise PlanningError(f"logical_views must be 'auto', 'all' or '1d', got {logical_views!r}")
     if num_stages is not None and num_stages < 1:
         raise PlanningError(f"num_stages must be >= 1, got {num_stages}")
     t0 = time.perf_counter()
@@ -105,7 +119,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     st = _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers,
-                   min(layer_time_limit_s, time_limit_s), static, tuple(state), tuple(batch))
+                   min(layer_time_limit_s, time_limit_s), logical_views, static, tuple(state), tuple(batch))
     one_stage = lambda: plan(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,  # noqa: E731
                              num_stages=1, batch_argnums=batch_argnums, static_argnums=static_argnums,
                              time_limit_s=time_limit_s)
@@ -125,7 +139,8 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         t1 = time.perf_counter()
         try:
             one = one_stage()
-        except InfeasibleError:
+        except PlanningError as e:  # no plan fits the budget, or none found in time
+            log.warning("no one-stage plan to compare with: %s", e)
             one = None
         timings["one_stage_s"] = time.perf_counter() - t1
         if one is not None and (len(best.stages) == 1 or one.cost.total_s <= best.cost):
@@ -158,22 +173,21 @@ def _microbatch_counts(batch_size: int, given: int | None) -> list[int]:
 
 def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings,
                          given: int | None, timings: dict[str, float]) -> Candidate | None:
-    """The best candidate over B; stops after two Bs in a row that do not improve."""
+    """The best candidate over B = 1, 2, 4, ...; stops at the first B that does not improve
+    (each B solves the layers again: their shapes change)."""
     leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
-    best, worse = None, 0
+    best = None
     for B in _microbatch_counts(batch_size, given):
         cand = _plan_for(fn, args, st, B, timings)
         if cand is None:
             return None
         log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
         if best is None or cand.cost < best.cost:
-            best, worse = cand, 0
+            best = cand
         else:
-            worse += 1
-            if worse >= 2:
-                break
+            break
     return best
 
 
@@ -229,14 +243,19 @@ def _auto_layers(st: _Settings) -> int:
 
 def _candidate_views(st: _Settings):
     """Sub-mesh shapes (those usable in an exact cover by num_stages stages), each with its
-    logical views (tp within a host; in one host (a, b) and (b, a) are one problem)."""
+    logical views (see ``plan_pipeline``'s ``logical_views``; tp within a host; in one host
+    (a, b) and (b, a) are one problem, both axes having the same link)."""
     shapes = submesh_shapes(st.hosts, st.per_host)
     if st.num_stages is not None:
         shapes = _coverable(shapes, st.hosts * st.per_host, st.num_stages)
     views: list[tuple[int, int]] = []
     per_shape = []
     for shape in shapes:
-        vs = [v for v in logical_views(shape) if v[1] <= st.per_host and (shape[0] > 1 or v[0] >= v[1])]
+        vs = [v for v in views_of(shape) if v[1] <= st.per_host and (shape[0] > 1 or v[0] >= v[1])]
+        if st.views == "1d" or (st.views == "auto" and shape[0] == 1):
+            vs = [v for v in vs if v[1] == 1]
+        elif st.views == "auto":  # across hosts: 1-D, or data parallel over hosts × a host's devices
+            vs = [v for v in vs if v[1] in (1, st.per_host)]
         per_shape.append(tuple(_index(views, v) for v in vs))
     return tuple(shapes), tuple(per_shape), views
 
@@ -322,6 +341,8 @@ def _pair_costs(layers: list[Layer], sigs: list[str], sols: dict[Any, LayerSolut
             for v, view in enumerate(views):
                 vc = view_cluster(cluster, view)
                 sa, sb = sols[(sigs[a], view)], sols[(sigs[b], view)]
+                if not (np.isfinite(sa.time_s) and np.isfinite(sb.time_s)):
+                    continue  # a view some layer has no plan on is never used
                 cost = reshard(sa.out_specs[ka], sb.in_specs[kb], t, vc)[0]
                 if layer.diff_in[kb] and layers[a].diff_out[ka]:
                     cost += reshard(sb.out_specs[_grad_pos(layer, kb)],

@@ -109,6 +109,8 @@ def _fill(t, u, view, mem, succ, ijs, tv, uv, static, resid, vs, B, budget, sche
         return
     cand = np.where(ok, tv[vs], np.inf)
     k = int(np.argmin(cand))
+    if not np.isfinite(cand[k]):
+        return
     v = vs[k]
     t[ijs], u[ijs], view[ijs] = tv[v], uv[v], v
     mem[(0, *ijs)], mem[(1, *ijs)] = static[v], resid[v]
