@@ -3,14 +3,20 @@
 - gather (jnp indexing, ``jnp.take_along_axis``, embedding lookup ``emb[ids]``): one loop dim
   per operand dim taken whole (an offset dim with full slice size that is not indexed: split it
   in the operand and the output) and per batch dim of the indices (split it in the indices and
-  the output, and in the operand when it is a paired operand batching dim). The indexed dims of
-  the operand stay whole on every device. Then the einsum product over mesh axes.
+  the output, and in the operand when it is a paired operand batching dim). An indexed dim
+  read one element wide (an embedding row, ``take_along_axis``) may be split as well: each
+  device looks up its own range, XLA masks the other indices to zero, and the output is a
+  partial sum (XLA all-reduces it: the vocab-parallel embedding). Other indexed dims stay
+  whole. Then the einsum product over mesh axes.
 - scatter-add (the gradient of those gathers): the same whole window dims and paired batching
   dims, plus the scatter dims of the updates that are not batching dims: split the updates and
   indices there and the output is a partial sum over that axis (each device adds its share of
-  the updates; XLA keeps the operand on one device of the group and zeros elsewhere). Only a
-  sum combines that way: scatter (overwrite), mul, min and max get the window/batching splits,
-  and so does scatter-sub, which XLA does not partition as a sum (it all-gathers the updates).
+  the updates; XLA keeps the operand on one device of the group and zeros elsewhere). And the
+  operand's scattered dims written one element wide may be split with the updates and indices
+  whole: each device adds the updates in its own range, no collective (the gradient of a
+  vocab-split embedding). Only a sum combines that way: scatter (overwrite), mul, min and max
+  get the window/batching splits, and so does scatter-sub, which XLA does not partition as a
+  sum (it all-gathers the updates).
 - slice, dynamic_slice, dynamic_update_slice, pad, concatenate, split, rev: a dim the op
   leaves at full extent (not sliced, padded, joined or reversed) may be split, in every array
   operand and output alike; index operands and pad values are scalars and stay replicated.
@@ -52,7 +58,17 @@ def gather_loops(operand: TensorInfo, indices: TensorInfo, out: TensorInfo, dnum
     for i, od in enumerate(out_batch):
         op_dim = obatch[ibatch.index(i)] if i in ibatch else None
         loops.append(LoopDim(f"b{i}", indices.shape[i], (op_dim, i), od))
+    # An indexed dim read one element at a time (an embedding row, take_along_axis): each device
+    # looks up its own range, zero elsewhere; out dim None makes the output a partial sum.
+    for d in _single_element_dims(operand, dnums.start_index_map, dnums.collapsed_slice_dims, slice_sizes):
+        loops.append(LoopDim(f"v{d}", operand.shape[d], (d, None), None))
     return loops
+
+
+def _single_element_dims(operand: TensorInfo, index_map: Sequence[int], collapsed: Sequence[int],
+                         window: Sequence[int]) -> list[int]:
+    """Operand dims that are indexed, collapsed and taken one element wide."""
+    return [d for d in index_map if d in collapsed and window[d] == 1 and operand.shape[d] > 1]
 
 
 @register_strategy(lax.gather_p)
@@ -85,6 +101,13 @@ def scatter_loops(operand: TensorInfo, indices: TensorInfo, updates: TensorInfo,
         elif partial_ok:
             # Out dim None: the einsum generator makes the output a partial sum over the axis.
             loops.append(LoopDim(f"s{i}", indices.shape[i], (None, i, ud), None))
+    if partial_ok:
+        # Scattered one element wide into a split dim: each device adds the updates that fall in
+        # its range (updates and indices whole), no communication (the embedding gradient).
+        windows = [1 if d in dnums.inserted_window_dims else operand.shape[d] for d in range(operand.rank)]
+        for d in _single_element_dims(operand, dnums.scatter_dims_to_operand_dims,
+                                      dnums.inserted_window_dims, windows):
+            loops.append(LoopDim(f"v{d}", operand.shape[d], (d, None, None), d))
     return loops
 
 

@@ -2,7 +2,8 @@
 
 Strategy names of the gather/scatter family say which loop dim each mesh axis splits:
 ``w<d>`` a whole operand dim d (window/offset), ``b<i>`` a batch dim i of the indices,
-``s<i>`` a scatter dim i of the updates (the output is then a partial sum).
+``s<i>`` a scatter dim i of the updates (the output is then a partial sum), ``v<d>`` an
+operand dim d indexed one element wide (a gather's output is then a partial sum).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def take_along(x, i):
 
 GATHER_CASES = {
     # emb[ids]: the embedding dim (w1) is taken whole; ids dims b0, b1 are the output's
-    # leading dims; the vocabulary dim is indexed and never split. 4 choices per axis = 16.
+    # leading dims; the vocabulary dim (v0) is indexed one row wide: split, each device looks up
+    # its own rows and the output is a partial sum. 5 choices per axis = 25.
     "embedding": (emb_lookup, (EMB, IDS), 0, {
         "R: ([R,R], [R,R,R]) -> [R,R,R]",
         "x=w1: ([R,x], [R,R,R]) -> [R,R,x]",
@@ -53,9 +55,19 @@ GATHER_CASES = {
         "x=b1,y=w1: ([R,y], [R,x,R]) -> [R,x,y]",
         "x=b0,y=b1: ([R,R], [x,y,R]) -> [x,y,R]",
         "x=b1,y=b0: ([R,R], [y,x,R]) -> [y,x,R]",
+        "x=v0: ([x,R], [R,R,R]) -> [R,R,R]|sum(x)",
+        "y=v0: ([y,R], [R,R,R]) -> [R,R,R]|sum(y)",
+        "x=v0,y=v0: ([(x,y),R], [R,R,R]) -> [R,R,R]|sum(x,y)",
+        "x=v0,y=b0: ([x,R], [y,R,R]) -> [y,R,R]|sum(x)",
+        "x=v0,y=b1: ([x,R], [R,y,R]) -> [R,y,R]|sum(x)",
+        "x=v0,y=w1: ([x,y], [R,R,R]) -> [R,R,y]|sum(x)",
+        "x=b0,y=v0: ([y,R], [x,R,R]) -> [x,R,R]|sum(y)",
+        "x=b1,y=v0: ([y,R], [R,x,R]) -> [R,x,R]|sum(y)",
+        "x=w1,y=v0: ([y,x], [R,R,R]) -> [R,R,x]|sum(y)",
     }),
     # take_along_axis: dims 0, 1 are paired batching dims (split in operand, indices and
-    # output together); the class dim is indexed. 3 choices per axis = 9.
+    # output together); the class dim (v2) is indexed one element wide: a partial sum when
+    # split. 4 choices per axis = 16.
     "take_along_axis": (take_along, (X, IDS), 0, {
         "R: ([R,R,R], [R,R,R,R]) -> [R,R,R]",
         "x=b0: ([x,R,R], [x,R,R,R]) -> [x,R,R]",
@@ -66,6 +78,13 @@ GATHER_CASES = {
         "x=b1,y=b1: ([R,(x,y),R], [R,(x,y),R,R]) -> [R,(x,y),R]",
         "x=b0,y=b1: ([x,y,R], [x,y,R,R]) -> [x,y,R]",
         "x=b1,y=b0: ([y,x,R], [y,x,R,R]) -> [y,x,R]",
+        "x=v2: ([R,R,x], [R,R,R,R]) -> [R,R,R]|sum(x)",
+        "y=v2: ([R,R,y], [R,R,R,R]) -> [R,R,R]|sum(y)",
+        "x=v2,y=v2: ([R,R,(x,y)], [R,R,R,R]) -> [R,R,R]|sum(x,y)",
+        "x=v2,y=b0: ([y,R,x], [y,R,R,R]) -> [y,R,R]|sum(x)",
+        "x=v2,y=b1: ([R,y,x], [R,y,R,R]) -> [R,y,R]|sum(x)",
+        "x=b0,y=v2: ([x,R,y], [x,R,R,R]) -> [x,R,R]|sum(y)",
+        "x=b1,y=v2: ([R,x,y], [R,x,R,R]) -> [R,x,R]|sum(y)",
     }),
     # optax's integer-label cross entropy: after take_along_axis, x[..., 0] is a gather of a
     # scalar index with the two leading dims taken whole (w0, w1). 9.
@@ -94,10 +113,10 @@ def test_gather_strategies(case):
 
 
 def test_gather_array_index_on_a_middle_dim():
-    # x[:, i] with 4 indices: dims 0 and 2 whole (w0, w2), the 4 indices (b0) go to output
-    # dim 1 and take x or y but not x·y = 8: 4·4 − 1 = 15.
+    # x[:, i] with 4 indices: dims 0 and 2 whole (w0, w2), the indexed dim 1 (v1, a partial
+    # sum), the 4 indices (b0) go to output dim 1 and take x or y but not x·y = 8: 5·5 − 1 = 24.
     op, strats = op_strategies(lambda x, i: x[:, i], (X, np.zeros(4, np.int32)), "gather")
-    assert len(strats) == 15
+    assert len(strats) == 24
     assert "x=b0,y=b0" not in strats
     assert str(strats["x=w2,y=b0"]) == "x=w2,y=b0: ([R,R,x], [y,R]) -> [R,y,x]"
     idx = rng_array((4, 1), seed=1, high=16)
@@ -106,12 +125,14 @@ def test_gather_array_index_on_a_middle_dim():
 
 
 def test_gather_partial_window_is_not_split():
-    # A non-indexed dim sliced to 16 of 32 is not taken whole: only the index batch splits.
+    # A non-indexed dim sliced to 16 of 32 is not taken whole: only the index batch (b0) and the
+    # indexed dim read one row wide (v0) split.
     dn = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
                                     start_index_map=(0,))
     op, strats = op_strategies(lambda e, i: lax.gather(e, i, dn, (1, 16)),
                                (EMB, np.zeros((8, 1), np.int32)), "gather")
-    assert sorted(strats) == ["R", "x=b0", "x=b0,y=b0", "y=b0"]
+    assert sorted(strats) == ["R", "x=b0", "x=b0,y=b0", "x=b0,y=v0", "x=v0", "x=v0,y=b0",
+                              "x=v0,y=v0", "y=b0", "y=v0"]
 
 
 # Operands the gather itself receives (indices carry the trailing index-vector dim).
@@ -134,7 +155,8 @@ def test_every_gather_strategy_runs_without_communication(case):
 
 def test_scatter_add_of_embedding_gradient():
     # The gradient of emb[ids]: w1 splits the table's embedding dim; s0, s1 split the ids and
-    # the updates, and the table-shaped output is a partial sum over that axis. 16.
+    # the updates, and the table-shaped output is a partial sum over that axis; v0 splits the
+    # vocabulary rows with ids and updates whole (each device adds the rows in its range). 25.
     op, strats = op_strategies(jax.grad(lambda e, i: e[i].sum()), (EMB, IDS), "scatter")
     assert op.primitive is lax.scatter_add_p
     assert described(strats) == {
@@ -154,15 +176,25 @@ def test_scatter_add_of_embedding_gradient():
         "x=w1,y=s1: ([R,x], [R,y,R], [R,y,x]) -> [R,x]|sum(y)",
         "x=s0,y=w1: ([R,y], [x,R,R], [x,R,y]) -> [R,y]|sum(x)",
         "x=s1,y=w1: ([R,y], [R,x,R], [R,x,y]) -> [R,y]|sum(x)",
+        "x=v0: ([x,R], [R,R,R], [R,R,R]) -> [x,R]",
+        "y=v0: ([y,R], [R,R,R], [R,R,R]) -> [y,R]",
+        "x=v0,y=v0: ([(x,y),R], [R,R,R], [R,R,R]) -> [(x,y),R]",
+        "x=v0,y=w1: ([x,y], [R,R,R], [R,R,y]) -> [x,y]",
+        "x=w1,y=v0: ([y,x], [R,R,R], [R,R,x]) -> [y,x]",
+        "x=v0,y=s0: ([x,R], [y,R,R], [y,R,R]) -> [x,R]|sum(y)",
+        "x=v0,y=s1: ([x,R], [R,y,R], [R,y,R]) -> [x,R]|sum(y)",
+        "x=s0,y=v0: ([y,R], [x,R,R], [x,R,R]) -> [y,R]|sum(x)",
+        "x=s1,y=v0: ([y,R], [R,x,R], [R,x,R]) -> [y,R]|sum(x)",
     }
 
 
 def test_scatter_add_of_take_along_axis_gradient():
     # Paired batching dims b0, b1 split operand, indices, updates and output; the updates'
-    # third scatter dim has size 1 and cannot split. 9, none partial.
+    # third scatter dim has size 1 and cannot split; the class dim (v2) is written one element
+    # wide and splits with the updates whole. 16, none partial.
     op, strats = op_strategies(jax.grad(lambda x, i: take_along(x, i).sum()), (X, IDS),
                                "scatter")
-    assert len(strats) == 9
+    assert len(strats) == 16
     assert not any(s.out_spec.partial for s in strats.values())
     assert str(strats["x=b1,y=b0"]) == \
         "x=b1,y=b0: ([y,x,R], [y,x,R,R], [y,x,R]) -> [y,x,R]"
