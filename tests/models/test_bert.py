@@ -60,3 +60,26 @@ def test_large_batch_small_hidden_is_data_parallel():
     assert auto.extra_kinds == ()
     assert auto.wire <= measure("data_parallel", dp, fn, args).wire
     assert_steps_equal(plan.compile(fn), fn, args, n_state=2, atol=1e-4)
+
+
+def test_attention_norm_and_activation_ops_all_have_rules():
+    """Softmax (reduce-max, exp, reduce-sum), causal masks (iota, compare, select), layer and
+    RMS norm, GELU (tanh and erf), SiLU, residuals, forward and backward: no op is left to XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    from alpa_lite.tracer import trace
+    from cost_model.builder import build_strategies
+    from examples.bert import layer_norm
+    from examples.scan_gpt import causal_attention, rms_norm
+
+    def f(w, x):
+        q = k = v = (x @ w).reshape(4, 8, 2, 8)
+        a = causal_attention(q, k, v).reshape(4, 8, 16)
+        h = layer_norm(x + a, jnp.ones(16)) + rms_norm(x, jnp.ones(16))
+        h = jax.nn.gelu(h, approximate=False) + jax.nn.gelu(h) + jax.nn.silu(h) + jax.nn.relu(h)
+        return jnp.mean(jax.nn.log_softmax(h, axis=-1))
+
+    graph = trace(jax.value_and_grad(f), jnp.ones((16, 16)), jnp.ones((4, 8, 16)))
+    sg = build_strategies(graph, al.ClusterSpec.preset("cpu").with_mesh((8,), ("x",)))
+    assert sg.missing_rules == () and not sg.unconstrained
