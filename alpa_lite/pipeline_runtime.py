@@ -14,9 +14,9 @@
 4. the loss is the mean of the microbatch losses (each microbatch's backward is seeded with
    1/B, so the accumulated gradients are those of that mean); an aux output with the
    microbatch as its leading dimension is concatenated, any other is averaged;
-5. the rest of the step (the optimizer update) runs once with the accumulated gradients, as
-   one program on the whole mesh (inputs replicated there); the next call moves each stage's
-   weights back onto its sub-mesh.
+5. the rest of the step (the optimizer update) runs once with the accumulated gradients, on
+   each stage's own weights and optimizer state on its sub-mesh (``pipeline_update``); an
+   update that mixes stages (gradient-norm clipping) runs as one program on the whole mesh.
 
 Microbatching equals the full-batch step when the loss is a mean over examples. It differs for
 batch statistics (batch norm over a microbatch), normalisation by a count that depends on the
@@ -37,8 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.errors import MeshError, SignatureError
 from alpa_lite.pipeline_layers import LayerGraph, layer_graph, view_cluster
-from alpa_lite.pipeline_program import StepProgram, cut_layers, eval_eqns, is_literal, read, split_step
-from alpa_lite.pipeline_stage import StageProgram, build_stage, split_layer, stage_mesh
+from alpa_lite.pipeline_program import StepProgram, cut_layers, is_literal, read, split_step
+from alpa_lite.pipeline_stage import StageProgram, build_stage, move, split_layer, stage_mesh
+from alpa_lite.pipeline_update import Segment, StageUpdates
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -94,7 +95,8 @@ class PipelineRunner:
                                            axis_types=(jax.sharding.AxisType.Auto,))
         self.prog: StepProgram | None = None
         self.stages: list[StageProgram] = []
-        self._segments: dict[str, Any] = {}
+        self._pre: Segment | None = None
+        self.update: StageUpdates | None = None
         self.examples: dict[int, Any] = {}
 
     # ---- building -------------------------------------------------------------------
@@ -126,6 +128,7 @@ class PipelineRunner:
             later = {v for lay in layers[st.layers[1] + 1:] for v in lay.inputs}
             self.stages.append(build_stage(p, halves, mesh, weights, micro, later, loss.outvars,
                                            1.0 / info.num_microbatches))
+        self.update = StageUpdates(self.prog, self.stages, self.full_mesh, _state_pairs(self.prog, args, plan))
 
     # ---- running --------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -135,19 +138,19 @@ class PipelineRunner:
         env: dict[Any, Any] = dict(zip(prog.jaxpr.constvars, prog.consts))
         env.update(zip(prog.jaxpr.invars, leaves))
         if prog.pre_eqns:
-            self._run_segment("pre", prog.pre_eqns, env)
+            self._run_pre(env)
         operands = [read(env, x) for x in prog.vag.invars]
         loss_inputs = dict(zip(prog.loss.invars, operands))
         micro = {v: _split(loss_inputs[v], prog.num_microbatches)
                  for v, m in zip(prog.loss.invars, prog.micro) if m}
         outs = self._run_pipeline(loss_inputs, micro)
         env.update(zip(prog.vag.outvars, outs))
-        self._run_segment("post", prog.post_eqns, env)
+        self.update.run(env)
         return jax.tree.unflatten(prog.out_tree, [read(env, v) for v in prog.jaxpr.outvars])
 
     def _run_pipeline(self, loss_inputs: dict[Any, Any], micro: dict[Any, list[Any]]) -> list[Any]:
         B = self.prog.num_microbatches
-        weights = [[jax.device_put(loss_inputs[v], sp.sharding(v)) for v in sp.weights] for sp in self.stages]
+        weights = [[move(loss_inputs[v], sp.sharding(v)) for v in sp.weights] for sp in self.stages]
         accums = [[jnp.zeros(v.aval.shape, v.aval.dtype, device=sp.sharding(v)) for v in sp.accums]
                   for sp in self.stages]
         acts: dict[tuple[Any, int], Any] = {}
@@ -187,8 +190,8 @@ class PipelineRunner:
 
     def _forward(self, sp: StageProgram, m: int, weights: list[Any], micro: dict[Any, list[Any]],
                  acts: dict[Any, Any], residuals: dict[Any, Any]) -> None:
-        data = [jax.device_put(micro[v][m], sp.sharding(v)) for v in sp.data]
-        ins = [jax.device_put(acts[(v, m)], sp.sharding(v)) for v in sp.acts_in]
+        data = [move(micro[v][m], sp.sharding(v)) for v in sp.data]
+        ins = [move(acts[(v, m)], sp.sharding(v)) for v in sp.acts_in]
         if sp.index not in self.examples:
             self.examples[sp.index] = {"fwd": _structs((weights, data, ins))}
         outs, res = sp.fwd(weights, data, ins)
@@ -199,7 +202,7 @@ class PipelineRunner:
                   acts: dict[Any, Any], cts: dict[Any, list[Any]], residuals: dict[Any, Any]) -> list[Any]:
         ct_in = []
         for v in sp.ct_in:
-            parts = [jax.device_put(c, acts[(v, m)].sharding) for c in cts.pop((v, m), [])]
+            parts = [move(c, acts[(v, m)].sharding) for c in cts.pop((v, m), [])]
             ct_in.append(sum(parts[1:], parts[0]) if parts else jnp.zeros_like(acts[(v, m)]))
         res = residuals.pop((sp.index, m))
         ex = self.examples[sp.index]
@@ -231,17 +234,21 @@ class PipelineRunner:
         grads: dict[Any, Any] = {}
         for sp, acc in zip(self.stages, accums):
             for v, a in zip(sp.accums, acc):
-                grads[v] = a if v not in grads else grads[v] + jax.device_put(a, grads[v].sharding)
+                grads[v] = a if v not in grads else grads[v] + move(a, grads[v].sharding)
         for v, d in zip(loss_prog.invars, loss_prog.diff_invars):
             if d:
                 outs.append(grads[v] if v in grads else jnp.zeros(v.aval.shape, v.aval.dtype))
         return outs
 
-    def _run_segment(self, name: str, eqns: Sequence[Any], env: dict[Any, Any]) -> None:
-        """Equations of the step outside the loss, as one jitted program on the whole mesh."""
-        if name not in self._segments:
-            self._segments[name] = _Segment(eqns, self.prog, name)
-        self._segments[name].run(env, NamedSharding(self.full_mesh, PartitionSpec()))
+    def _run_pre(self, env: dict[Any, Any]) -> None:
+        """The step's equations before the loss, as one jitted program on the whole mesh."""
+        prog = self.prog
+        if self._pre is None:
+            later = set(prog.jaxpr.outvars) | set(prog.vag.invars)
+            later |= {x for e in prog.post_eqns for x in e.invars}
+            self._pre = Segment(prog.pre_eqns, [v for e in prog.pre_eqns for v in e.outvars if v in later])
+        rep = NamedSharding(self.full_mesh, PartitionSpec())
+        self._pre.run(env, [rep] * len(self._pre.inputs))
 
     # ---- inspection -----------------------------------------------------------------
     def compiled_memory(self) -> list[dict[str, Any]]:
@@ -259,6 +266,25 @@ class PipelineRunner:
         return out
 
 
+def _state_pairs(prog: StepProgram, args: Sequence[Any], plan: Any) -> dict[int, int]:
+    """Optimizer-state leaf → the weight leaf it belongs to (flat input positions): same shape,
+    and the weight's tree path ends the state leaf's (``mu['layer0']['w']`` ↔ ``['layer0']['w']``)."""
+    dyn = [a for i, a in enumerate(args) if i not in plan.static_argnums]
+    paths = [(p[1:], tuple(jax.numpy.shape(x))) for p, x in jax.tree_util.tree_leaves_with_path(dyn)]
+    pos = {v: k for k, v in enumerate(prog.jaxpr.invars)}
+    weights = [pos[x] for x, m in zip(prog.vag.invars, prog.micro) if x in pos and not m]
+    pairs = {}
+    for s in prog.state_leaves:
+        if s in weights:
+            continue
+        for w in weights:
+            (wp, ws), (sp, ss) = paths[w], paths[s]
+            if ws == ss and len(wp) <= len(sp) and sp[len(sp) - len(wp):] == wp:
+                pairs[s] = w
+                break
+    return pairs
+
+
 def _local_bytes(x: Any) -> float:
     shard = x.sharding.shard_shape(x.shape)
     return float(np.prod(shard, dtype=np.int64) * np.dtype(x.dtype).itemsize)
@@ -271,30 +297,3 @@ def _structs(tree: Any) -> Any:
 def _split(x: Any, B: int) -> list[Any]:
     n = x.shape[0] // B
     return [x[m * n:(m + 1) * n] for m in range(B)]
-
-
-class _Segment:
-    """A run of the step's equations as one jitted function of the variables it reads."""
-
-    def __init__(self, eqns: Sequence[Any], prog: StepProgram, name: str) -> None:
-        made = {v for e in eqns for v in e.outvars}
-        self.eqns = tuple(eqns)
-        self.inputs = list(dict.fromkeys(x for e in eqns for x in e.invars
-                                         if not is_literal(x) and x not in made))
-        later = set(prog.jaxpr.outvars)
-        if name == "pre":
-            later |= set(prog.vag.invars) | {x for e in prog.post_eqns for x in e.invars}
-        self.outputs = [v for e in eqns for v in e.outvars if v in later]
-
-        def f(*xs: Any) -> list[Any]:
-            env = dict(zip(self.inputs, xs))
-            eval_eqns(self.eqns, env)
-            return [env[v] for v in self.outputs]
-
-        self.fn = jax.jit(f)
-
-    def run(self, env: dict[Any, Any], sharding: NamedSharding) -> None:
-        if not self.eqns:
-            return
-        xs = [jax.device_put(env[v], sharding) for v in self.inputs]
-        env.update(zip(self.outputs, self.fn(*xs)))

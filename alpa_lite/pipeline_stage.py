@@ -126,6 +126,16 @@ class StageProgram:
         return NamedSharding(self.mesh, self.specs[var].to_partition_spec())
 
 
+def move(x: Any, target: NamedSharding) -> Any:
+    """``jax.device_put`` onto another sub-mesh. Across processes JAX's cross-host transfer wants
+    the same sharding on both sides: reshard on the sender's sub-mesh first (same axes)."""
+    src = getattr(x, "sharding", None)
+    if (jax.process_count() > 1 and isinstance(src, NamedSharding) and src.mesh != target.mesh
+            and src.mesh.axis_names == target.mesh.axis_names):
+        x = jax.device_put(x, NamedSharding(src.mesh, target.spec))
+    return jax.device_put(x, target)
+
+
 def stage_mesh(devices: Sequence[Any], view: Sequence[int]) -> jax.sharding.Mesh:
     auto = jax.sharding.AxisType.Auto
     return jax.sharding.Mesh(np.array(devices, dtype=object).reshape(tuple(view)), VIEW_AXES,

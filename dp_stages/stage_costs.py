@@ -88,11 +88,11 @@ def stage_tables(costs: LayerCosts, submeshes: tuple[tuple[int, int], ...],
     succ = np.full((L, L, S), np.inf) if schedule == "1f1b" else None
     for i in range(L):
         for j in range(i, L):
-            tv = cum[j + 1] - cum[i] + inner[i, j]
-            static = weight_factor * (cum_w[j + 1] - cum_w[i]) + transient[i:j + 1].max(axis=0)
-            resid = cum_r[j + 1] - cum_r[i]
+            tv = _span(cum, i, j) + inner[i, j]
+            static = weight_factor * _span(cum_w, i, j) + transient[i:j + 1].max(axis=0)
+            resid = _span(cum_r, i, j)
             for s, (shape, vs) in enumerate(zip(submeshes, submesh_views)):
-                _fill(t, u, view, mem, succ, (i, j, s), tv, cum_u[j + 1] - cum_u[i], static, resid,
+                _fill(t, u, view, mem, succ, (i, j, s), tv, _span(cum_u, i, j), static, resid,
                       list(vs), B, memory_budget, schedule)
                 if view[i, j, s] >= 0:
                     t[i, j, s] += _send_s(costs, i, j, L, num_devices(shape), send_link[s])
@@ -131,10 +131,20 @@ def _send_s(costs: LayerCosts, i: int, j: int, L: int, n: int, link: Link) -> fl
     return transfers * link.alpha + nbytes / (n * link.beta)
 
 
-def _prefix(a: np.ndarray) -> np.ndarray:
-    """cum[k] = Σ_{l<k} a[l] along axis 0 (shape [L+1, ...])."""
+def _span(cum: tuple[np.ndarray, np.ndarray], i: int, j: int) -> np.ndarray:
+    """Σ_{l=i..j} from ``_prefix``: inf where a layer in the range is inf."""
+    finite, infs = cum
+    return np.where(infs[j + 1] > infs[i], np.inf, finite[j + 1] - finite[i])
+
+
+def _prefix(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix sums along axis 0 (shape [L+1, ...]) of the finite values, and of the count of
+    infinite ones (so that a range's sum is exact: inf − inf never arises)."""
     a = np.asarray(a, dtype=np.float64)
-    return np.concatenate([np.zeros((1, *a.shape[1:])), np.cumsum(a, axis=0)])
+    zero = np.zeros((1, *a.shape[1:]))
+    inf = np.isinf(a)
+    return (np.concatenate([zero, np.cumsum(np.where(inf, 0.0, a), axis=0)]),
+            np.concatenate([zero, np.cumsum(inf, axis=0)]))
 
 
 def _inner_pairs(pair: np.ndarray) -> np.ndarray:

@@ -142,3 +142,45 @@ def test_memory_budget_fits_compiled_stages():
             print(f"stage {s.layers}: compiled {used} B + held {held} B, budget {budget:.0f} B "
                   f"(predicted {s.memory_bytes:.0f} B)")
             assert used + held <= budget
+
+
+def test_update_runs_per_stage_or_whole_when_it_mixes_stages():
+    """adam updates each stage's weights on its sub-mesh; gradient-norm clipping reads every
+    stage's gradients, so that update runs as one program on the whole mesh. Both equal."""
+    fn, args = mlp_example(4)
+    mesh = make_mesh((2, 4))
+    plan = al.plan(fn, *args, mesh=mesh, cluster=CLUSTER, num_stages=2, num_microbatches=4)
+    run = plan.compile(fn)
+    out = run(*fresh(args))
+    assert run.update.split
+    for leaf in jax.tree.leaves(out[0]):
+        assert len(leaf.sharding.device_set) == 4  # on its stage's sub-mesh
+
+    opt = optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-3))
+
+    def clipped(params, opt_state, x, y):
+        loss, grads = al.value_and_grad(lambda p: jnp.mean((_forward(p, x) - y) ** 2))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    cargs = (args[0], opt.init(args[0]), *args[2:])
+    plan = al.plan(clipped, *cargs, mesh=mesh, cluster=CLUSTER, num_stages=2, num_microbatches=4)
+    run = plan.compile(clipped)
+    assert_steps_equal(run, clipped, cargs, n_state=2, steps=3, atol=1e-4)
+    assert not run.update.split
+
+
+def _forward(params, x):
+    n = len(params)
+    for i in range(n):
+        x = x @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+        if i < n - 1:
+            x = al.mark_layer(jax.nn.gelu(x))
+    return x
+
+
+def test_parallelize_runs_a_pipeline():
+    fn, args = mlp_example(4)
+    step = al.parallelize(fn, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=2, num_microbatches=4)
+    assert step.get_plan(*args).pipeline is not None
+    assert_steps_equal(step, fn, args, n_state=2, steps=2, atol=1e-4)

@@ -48,6 +48,13 @@ def test_stage_time_sums_layers_pairs_and_sends():
     assert tab.view[1, 1, 0] == 0  # view 0 is the faster here
 
 
+def test_a_layer_without_a_plan_on_a_view_rules_the_view_out():
+    c = costs(L=3, t=[[1.0, np.inf], [1.0, 0.5], [1.0, 0.5]])
+    tab = stage_tables(c, ((1, 2),), ((0, 1),), 1, 2, 4, math.inf, (FREE,))
+    assert tab.view[0, 2, 0] == 0 and tab.dp_input.compute_cost[0, 2, 0] == 3.0
+    assert tab.view[1, 2, 0] == 1 and tab.dp_input.compute_cost[1, 2, 0] == 1.0
+
+
 def test_view_choice_and_once_cost():
     c = costs(L=2, t=[[3.0, 1.0], [3.0, 1.0]], u=[[0.0, 5.0], [0.0, 5.0]])
     tab = stage_tables(c, ((1, 2),), ((0, 1),), 1, 2, 4, math.inf, (FREE,))
