@@ -40,6 +40,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from alpa_lite.errors import InfeasibleError, PlanningError
+from ilp.greedy import add_hint, greedy_choice
 from ilp.merge import merge_followers
 from ilp.model import Model, build_cost_model, build_peak_model
 from ilp.problem import IlpOptions, IlpProblem, IlpSolution, evaluate
@@ -95,6 +96,7 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
     red, simple = _reduce(problem, merged)
     tick = time.perf_counter()
     model = build_cost_model(red, simple, problem.memory_budget)
+    add_hint(model, simple, greedy_choice(simple))
     logger.info(
         "built model in %.3f s: %d leaders, %d edge blocks, %d variables, %d constraints",
         time.perf_counter() - tick,
