@@ -1,0 +1,87 @@
+"""Planning time: wall seconds of planning (tracing, strategies, ILP build, ILP solve, DP) and of
+XLA compilation of the emitted program, for GPT training steps of growing depth, on 8 CPU
+devices and on simulated clusters of H100s (AbstractMesh: lowered, never compiled).
+
+    python bench/planning_time.py [--layers 12 24 48 96] [--devices 8 64 256] [--hidden 8192]
+                                  [--num-stages 1] [--time-limit 600] [--json out.json]
+    python bench/planning_time.py --smallest      # the smoke test
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
+import argparse
+import time
+
+import bench.common as common
+import jax
+
+import alpa_lite as al
+from examples.gpt import GPTConfig, abstract_example
+
+
+def gpt_config(layers: int, hidden: int) -> GPTConfig:
+    heads = max(hidden // 128, 1)
+    return GPTConfig(vocab=51200 if hidden >= 1024 else 512, seq=2048 if hidden >= 1024 else 32,
+                     d_model=hidden, n_heads=heads, n_layers=layers, d_ff=4 * hidden)
+
+
+def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_limit: float,
+        flat: bool = False) -> dict:
+    cfg = gpt_config(layers, hidden)
+    fn, args = abstract_example(cfg, batch=max(8, devices))
+    if devices <= len(jax.devices()):
+        two_d = devices >= 8 and not flat
+        mesh = jax.make_mesh((devices // 4, 4) if two_d else (devices,), ("data", "model") if two_d else ("x",))
+        cluster = None
+    else:
+        cluster = al.ClusterSpec.preset("dgx-h100", num_hosts=devices // 8)
+        mesh = None
+    t0 = time.perf_counter()
+    plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=num_stages, time_limit_s=time_limit)
+    wall = time.perf_counter() - t0
+    rec = dict(layers=layers, devices=devices, hidden=hidden, plan_s=wall, **plan.timings,
+               status=plan.solver.status, variables=plan.solver.variables, stages=len(plan.stages),
+               predicted_step_s=plan.cost.total_s)
+    t1 = time.perf_counter()
+    if plan.pipeline is None and mesh is not None:
+        step = plan.compile(fn)
+        lowered = step.jitted.lower(*args)
+        rec["lower_s"] = time.perf_counter() - t1
+        lowered.compile()
+        rec["xla_compile_s"] = time.perf_counter() - t1 - rec["lower_s"]
+    return rec
+
+
+def run(layers: list[int], devices: list[int], hidden: int, num_stages: int | None, time_limit: float,
+        flat: bool = False) -> dict:
+    rows, recs = [], []
+    for d in devices:
+        for n in layers:
+            r = one(n, d, hidden, num_stages, time_limit, flat)
+            recs.append(r)
+            rows.append([n, d, hidden, f"{r['plan_s']:.2f}", f"{r.get('trace_s', 0):.2f}",
+                         f"{r.get('strategies_s', 0):.2f}", f"{r.get('ilp_build_s', 0):.2f}",
+                         f"{r.get('ilp_solve_s', 0):.2f}", f"{r.get('dp_s', 0):.2f}", r["variables"],
+                         r["status"], r["stages"], f"{r.get('xla_compile_s', float('nan')):.2f}"])
+    common.print_table(f"Planning time ({common.machine()})",
+                       ["layers", "devices", "hidden", "plan s", "trace s", "strategies s", "ILP build s",
+                        "ILP solve s", "DP s", "ILP variables", "status", "stages", "XLA compile s"], rows)
+    return dict(rows=recs, machine=common.machine())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48, 96])
+    ap.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--num-stages", type=int, default=None)
+    ap.add_argument("--time-limit", type=float, default=600.0)
+    ap.add_argument("--smallest", action="store_true", help="1 layer, hidden 64, a 1-D mesh of 8 (smoke test)")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.smallest:
+        out = run([1], [8], 64, 1, 60.0, flat=True)
+    else:
+        out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit)
+    common.write_json(a.json, out)
