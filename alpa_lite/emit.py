@@ -106,12 +106,14 @@ def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: Cl
     out_sh = jax.tree.unflatten(graph.out_tree, out_leaf_sh)
     dyn_sh = jax.tree.unflatten(graph.in_tree, in_leaf_sh)
 
-    def tree_body(*args: Any) -> Any:
-        dyn = [a for i, a in enumerate(args) if i not in static]
+    def tree_body(*dyn: Any) -> Any:
         return jax.tree.unflatten(graph.out_tree, body(*jax.tree.leaves(dyn)))
 
     def fn(*args: Any) -> Any:
-        return jax.sharding.auto_axes(tree_body, out_sharding=out_sh)(*args)
+        # Static arguments stay out of auto_axes: it takes JAX types only (a str is not one),
+        # and the traced program already holds their values.
+        dyn = [a for i, a in enumerate(args) if i not in static]
+        return jax.sharding.auto_axes(tree_body, out_sharding=out_sh)(*dyn)
 
     in_shardings = tuple(dyn_sh)
     return jax.jit(fn, in_shardings=in_shardings, static_argnums=static,

@@ -3,7 +3,8 @@
 ``jax.make_jaxpr`` gives the program; nested jit, closed calls, remat and custom_jvp/custom_vjp
 calls are inlined (their bodies are what runs), so the op graph is flat. Primitives are matched
 by object. Literals and closed-over constants become ``constant`` ops, function inputs become
-``parameter`` ops. ``with_sharding_constraint`` inside the function and committed input
+``parameter`` ops. Dead code (equations no output needs, without effects) is dropped, as XLA
+drops it before partitioning. ``with_sharding_constraint`` inside the function and committed input
 shardings are recorded as fixed specs (hard constraints for the planner).
 """
 
@@ -20,7 +21,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 from jax.sharding import NamedSharding
 
-from alpa_lite.errors import PlanningError, UnsupportedError
+from alpa_lite.errors import PlanningError, ShardingError, UnsupportedError
 from alpa_lite.graph import Op, OpGraph, TensorInfo
 from alpa_lite.hlo_names import hlo_name, op_flops
 from alpa_lite.specs import ShardingSpec
@@ -95,11 +96,29 @@ def _source_of(eqn: Any) -> str:
         return ""
 
 
-def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int]) -> list[int]:
-    """Add the equations of ``jaxpr`` to ``b``; return the tensor ids of its outputs."""
+def _needed(jaxpr: Any, live_out: Sequence[bool]) -> set[Any]:
+    """Variables of ``jaxpr`` that reach a live output or an effect (a backward sweep).
+
+    XLA deletes dead code before partitioning, so an op nobody reads must not be planned:
+    its strategy and collectives would be costed and predicted, yet never run.
+    """
+    need = {v for v, live in zip(jaxpr.outvars, live_out) if live and not isinstance(v, jcore.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in need for v in eqn.outvars):
+            need.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return need
+
+
+def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
+          live_out: Sequence[bool] | None = None) -> list[int | None]:
+    """Add the live equations of ``jaxpr`` to ``b``; return the tensor ids of its outputs
+    (None for an output ``live_out`` marks dead)."""
+    live_out = [True] * len(jaxpr.outvars) if live_out is None else live_out
+    need = _needed(jaxpr, live_out)
     env: dict[Any, int] = {}
     for v, c in zip(jaxpr.constvars, consts):
-        env[v] = b.constant(c, v.aval)
+        if v in need:
+            env[v] = b.constant(c, v.aval)
     for v, t in zip(jaxpr.invars, in_ids):
         env[v] = t
 
@@ -109,13 +128,17 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int])
         return env[x]
 
     for eqn in jaxpr.eqns:
-        ins = [read(x) for x in eqn.invars]
         prim = eqn.primitive
+        if not eqn.effects and not any(v in need for v in eqn.outvars):
+            if prim in _LAYER_MARKERS:  # dead, yet a boundary all the same
+                b.layer += bool(_LAYER_MARKERS[prim](eqn.params))
+            continue
+        ins = [read(x) for x in eqn.invars]
         if prim in _LAYER_MARKERS:
             outs = ins
             b.layer += bool(_LAYER_MARKERS[prim](eqn.params))
         elif prim in _INLINE:
-            outs = _inline(b, eqn, ins)
+            outs = _inline(b, eqn, ins, [v in need for v in eqn.outvars])
         else:
             outs = [b.new_tensor(v.aval) for v in eqn.outvars]
             b.add_op(hlo_name(prim), ins, outs, primitive=prim, params=dict(eqn.params),
@@ -124,14 +147,14 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int])
                 _record_constraint(b, eqn, outs[0])
         for v, t in zip(eqn.outvars, outs):
             env[v] = t
-    return [read(x) for x in jaxpr.outvars]
+    return [read(x) if live else None for x, live in zip(jaxpr.outvars, live_out)]
 
 
-def _inline(b: _Builder, eqn: Any, ins: list[int]) -> list[int]:
+def _inline(b: _Builder, eqn: Any, ins: list[int], live_out: Sequence[bool]) -> list[int | None]:
     body = eqn.params[_INLINE[eqn.primitive]]
     if isinstance(body, jcore.ClosedJaxpr):
-        return _walk(b, body.jaxpr, body.consts, ins)
-    return _walk(b, body, (), ins)
+        return _walk(b, body.jaxpr, body.consts, ins, live_out)
+    return _walk(b, body, (), ins, live_out)
 
 
 def _record_constraint(b: _Builder, eqn: Any, out: int) -> None:
@@ -153,6 +176,21 @@ def _input_spec(x: Any, rank: int) -> ShardingSpec | None:
     return ShardingSpec.from_partition_spec(sharding.spec, rank)
 
 
+def _check_input_shardings(dyn: Sequence[Any]) -> None:
+    """A sharding an input brings (a ``ShapeDtypeStruct``'s; jax refuses uneven arrays) must fit
+    its shape: say which argument and dimension, before jax fails inside tracing."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dyn):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or not hasattr(leaf, "shape"):
+            continue
+        try:
+            spec = ShardingSpec.from_partition_spec(sharding.spec, len(leaf.shape))
+            spec.validate(tuple(leaf.shape), dict(sharding.mesh.shape))
+        except ShardingError as e:
+            raise ShardingError(f"argument leaf {jax.tree_util.keystr(path)} comes sharded "
+                                f"{sharding.spec}: {e}") from None
+
+
 def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()) -> OpGraph:
     """Trace ``fn(*args)`` into a flat ``OpGraph``. Static args are baked in, as jit does."""
     static = tuple(sorted({i % len(args) for i in static_argnums})) if args else ()
@@ -167,6 +205,8 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
             raise PlanningError(f"argument leaf {jax.tree_util.keystr(path)} is a "
                                 f"{type(leaf).__name__}, not an array; pass it with "
                                 "static_argnums or make it an array")
+
+    _check_input_shardings(dyn)
 
     def flat_fn(*flat: Any) -> Any:
         full, it = list(args), iter(jax.tree.unflatten(in_tree, flat))

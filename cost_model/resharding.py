@@ -221,7 +221,8 @@ class _Search:
         """One collective-permute to a layout that refines this one dimension by dimension.
 
         Each dimension stays or takes more of its target axes (then maybe tail axes, to gather
-        later), its split a multiple of the old. Every new piece then lies in one old piece,
+        later), its split a multiple of the old that divides the dimension (an uneven target
+        compiles to several permutes). Every new piece then lies in one old piece,
         which as many devices hold as want pieces of it, so each device receives one buffer
         from one other: ``[x,R]→[y,R]`` and ``[x,R]→[y,x]`` are one permute each.
         """
@@ -245,7 +246,10 @@ class _Search:
                 spare = [a for a in axes[k:] if a not in want[:m]]
                 for r in range(len(spare) + 1):
                     for filler in itertools.permutations(spare, r):
-                        if self._group(want[:m] + filler) % self._group(axes) == 0:
+                        group = self._group(want[:m] + filler)
+                        # Even pieces only: XLA splits a permute to an uneven layout into several
+                        # (seen: [x,R]→[(y,x),R] of a [12,1] tensor on 4×2, three permutes).
+                        if group % self._group(axes) == 0 and self.shape[d] % group == 0:
                             out.append(want[:m] + filler)
             self.refine_memo[d, axes] = tuple(out)
         return self.refine_memo[d, axes]
