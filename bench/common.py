@@ -18,7 +18,8 @@ import jax  # noqa: E402
 MESHES = {"8": (8,), "2x4": (2, 4), "4x2": (4, 2)}
 
 
-def model_configs(smallest: bool = False) -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
+def model_configs(smallest: bool = False, only: Sequence[str] | None = None
+                  ) -> dict[str, Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]]:
     """Name → zero-argument function giving (train_step, example args), small enough for 8 CPU
     devices. Models whose example module is missing are left out (said on stderr)."""
     from examples.mlp import make_example as mlp
@@ -38,7 +39,7 @@ def model_configs(smallest: bool = False) -> dict[str, Callable[[], tuple[Callab
             print(f"[bench] skipping {name}: {e}", file=__import__("sys").stderr)
             continue
         configs[name] = mod.target
-    return configs
+    return {k: v for k, v in configs.items() if not only or k in only}
 
 
 def machine() -> str:

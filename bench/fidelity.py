@@ -23,10 +23,10 @@ def _err(pred: float, got: float) -> float:
     return abs(pred - got) / max(got, 1.0)
 
 
-def run(smallest: bool = False) -> dict:
+def run(smallest: bool = False, only: list[str] | None = None) -> dict:
     rows, records = [], []
     meshes = {"8": (8,)} if smallest else common.MESHES
-    for name, make in common.model_configs(smallest).items():
+    for name, make in common.model_configs(smallest, only).items():
         fn, args = make()
         for mesh_name, shape in meshes.items():
             mesh = jax.make_mesh(shape, ("x", "y")[: len(shape)])
@@ -57,6 +57,7 @@ def run(smallest: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smallest", action="store_true", help="one small config (the smoke test)")
+    ap.add_argument("--models", nargs="+", help="only these (mlp-dp mlp-tp bert gpt moe wide_resnet)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
-    common.write_json(a.json, run(a.smallest))
+    common.write_json(a.json, run(a.smallest, a.models))
