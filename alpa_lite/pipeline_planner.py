@@ -98,8 +98,41 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     two links differ), "all" (every dp×tp with tp within a host: hybrids inside a host too, at a
     much larger ILP: ~90k against ~5k variables for a GPT block on 2×2 against 4×1) or "1d".
     """
-    from alpa_lite.planner import _state_and_batch, find_ties, plan, resolve_mesh
+    from alpa_lite.planner import plan
 
+    _check_options(method, schedule, logical_views, num_stages)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    st, mesh = _settings(fn, args, mesh, cluster, memory_budget, num_stages, schedule, num_layers,
+                         min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static_argnums)
+
+    def one_stage() -> Plan:
+        return plan(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget, num_stages=1,
+                    batch_argnums=batch_argnums, static_argnums=static_argnums, time_limit_s=time_limit_s)
+
+    best = _search_microbatches(fn, args, st, num_microbatches, timings)
+    if best is None or not np.isfinite(best.cost):
+        if num_stages is None:
+            return one_stage()
+        if best is None:
+            raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
+                                "al.value_and_grad (the loss it pipelines)")
+        raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
+                              "raise memory_budget, use more microbatches or another num_stages")
+    one = None
+    if num_stages is None:
+        t1 = time.perf_counter()
+        one = _one_stage_or_none(one_stage)
+        timings["one_stage_s"] = time.perf_counter() - t1
+        if one is not None and (len(best.stages) == 1 or one.cost.total_s <= best.cost):
+            note = (f"one stage chosen: the best pipeline ({len(best.stages)} stages, "
+                    f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
+            return replace(one, solver=replace(one.solver, note=note))
+    timings["total_s"] = time.perf_counter() - t0
+    return _assemble(fn, args, mesh, st, best, one, timings)
+
+
+def _check_options(method: str, schedule: str, logical_views: str, num_stages: int | None) -> None:
     if method != "auto":
         raise PlanningError(f"pipeline stages are planned with method='auto' (got {method!r}); use "
                             "num_stages=1 for a baseline")
@@ -109,46 +142,30 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         raise PlanningError(f"logical_views must be 'auto', 'all' or '1d', got {logical_views!r}")
     if num_stages is not None and num_stages < 1:
         raise PlanningError(f"num_stages must be >= 1, got {num_stages}")
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+
+
+def _settings(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, cluster: ClusterSpec | None,
+              memory_budget: float | None, num_stages: int | None, schedule: str, num_layers: int | None,
+              layer_limit: float, views: str, batch_argnums: Sequence[int] | None,
+              static_argnums: Sequence[int]) -> tuple[_Settings, Any]:
+    from alpa_lite.planner import _state_and_batch, find_ties, resolve_mesh
+
     mesh, cluster = resolve_mesh(mesh, cluster)
     static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
-    out_example = _eval_shape(fn, args, static)
-    _, tied = find_ties(None, args, static, out_example)
+    _, tied = find_ties(None, args, static, _eval_shape(fn, args, static))
     state, batch = _state_and_batch(args, static, tied, batch_argnums)
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
-    st = _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers,
-                   min(layer_time_limit_s, time_limit_s), logical_views, static, tuple(state), tuple(batch))
-    one_stage = lambda: plan(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,  # noqa: E731
-                             num_stages=1, batch_argnums=batch_argnums, static_argnums=static_argnums,
-                             time_limit_s=time_limit_s)
-    best = _search_microbatches(fn, args, st, num_microbatches, timings)
-    if best is None and num_stages is None:
+    return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers, layer_limit, views,
+                     static, tuple(state), tuple(batch)), mesh
+
+
+def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:
+    try:
         return one_stage()
-    if best is None:
-        raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
-                            "al.value_and_grad (the loss it pipelines)")
-    if not np.isfinite(best.cost):
-        if num_stages is None:
-            return one_stage()
-        raise InfeasibleError(f"no {num_stages}-stage pipeline fits {budget:.4g} bytes per device: raise "
-                              "memory_budget, use more microbatches or another num_stages")
-    one = None
-    if num_stages is None:
-        t1 = time.perf_counter()
-        try:
-            one = one_stage()
-        except PlanningError as e:  # no plan fits the budget, or none found in time
-            log.warning("no one-stage plan to compare with: %s", e)
-            one = None
-        timings["one_stage_s"] = time.perf_counter() - t1
-        if one is not None and (len(best.stages) == 1 or one.cost.total_s <= best.cost):
-            note = (f"one stage chosen: the best pipeline ({len(best.stages)} stages, "
-                    f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
-            return replace(one, solver=replace(one.solver, note=note))
-    timings["total_s"] = time.perf_counter() - t0
-    return _assemble(fn, args, mesh, st, best, one, timings)
+    except PlanningError as e:  # no plan fits the budget, or none was found in time
+        log.warning("no one-stage plan to compare with: %s", e)
+        return None
 
 
 def _eval_shape(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
@@ -186,7 +203,7 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
         log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
         if best is None or cand.cost < best.cost:
             best = cand
-        else:
+        elif np.isfinite(best.cost):
             break
     return best
 
@@ -224,7 +241,7 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     tick = _add_time(timings, "layer_ilp_s", tick)
     factor = _weight_factor(prog, args, st)
     costs = _layer_costs(prog, layers, sigs, graphs, sols, views, st, factor)
-    links = tuple(_send_link(st, s) for s in submeshes)
+    links = (_send_link(st),) * len(submeshes)
     tables = stage_tables(costs, submeshes, sub_views, st.hosts, st.per_host, B, st.budget, links,
                           factor, st.schedule)
     if st.num_stages is None:
@@ -275,7 +292,9 @@ def _coverable(shapes: list[tuple[int, int]], total: int, k: int) -> list[tuple[
     return [sh for sh in shapes if total - sh[0] * sh[1] in reach[k - 1]]
 
 
-def _send_link(st: _Settings, shape: tuple[int, int]) -> Link:
+def _send_link(st: _Settings) -> Link:
+    """The link activations cross between stages: the DP does not know whether neighbours share
+    a host, so with several hosts the cross-host link (a bound), else the in-host one."""
     link = st.cluster.inter_host if st.hosts > 1 else st.cluster.intra_host
     return Link(link.alpha, link.beta)
 

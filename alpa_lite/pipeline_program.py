@@ -122,9 +122,14 @@ def _aval(x: Any) -> jax.ShapeDtypeStruct:
 
 
 def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> bool:
-    """Whether the step calls ``al.value_and_grad`` (at its top level, jits inlined)."""
+    """Whether the step calls ``al.value_and_grad`` (at its top level, jits inlined). False when
+    it cannot be traced as given: planning one stage then reports why (``tracer.trace``)."""
     flat_fn, leaves, _ = flat_function(fn, args, static)
-    return bool(_vag_positions(_trace(flat_fn, [_aval(x) for x in leaves]).jaxpr))
+    try:
+        jaxpr = _trace(flat_fn, [_aval(x) for x in leaves]).jaxpr
+    except Exception:  # noqa: BLE001 - bad arguments get the one-stage path's clear error
+        return False
+    return bool(_vag_positions(jaxpr))
 
 
 def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int],

@@ -224,6 +224,9 @@ class Plan:
 
     def check(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Compile here and compare predicted with compiled collectives, FLOPs and memory."""
+        if self.pipeline is not None:
+            raise PlanningError("plan.check compares one compiled program; a pipeline is several: run "
+                                "it, then PipelineRunner.compiled_memory() gives each stage's compiled memory")
         from alpa_lite.check import check_plan
 
         return check_plan(self, fn, *args)
