@@ -160,8 +160,20 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     except NoSolutionError:
         if method != "auto":
             raise
-        iop, sol, note = _fallback_to_baseline(sgraph, ties, budget, args, static, tied_args,
+        iop, sol, name = _fallback_to_baseline(sgraph, ties, budget, args, static, tied_args,
                                                batch_argnums, time_limit_s)
+        note = f"ILP timed out: fell back to the {name} baseline"
+        log.warning("CP-SAT found no plan within %.3g s; falling back to the %s baseline", time_limit_s, name)
+    else:
+        if method == "auto" and sol.status != "OPTIMAL":
+            # Not proven optimal in time: a hand strategy may still be cheaper. Auto never
+            # returns a plan costlier than a baseline the same model can evaluate.
+            b_iop, b_sol, name = _fallback_to_baseline(sgraph, ties, budget, args, static, tied_args,
+                                                       batch_argnums, time_limit_s)
+            if b_sol.objective < sol.objective:
+                note = (f"ILP not optimal within {time_limit_s:g} s (its best: {sol.objective * 1e3:.4g} ms); "
+                        f"the {name} layout is cheaper and is used")
+                iop, sol = b_iop, b_sol
     timings["ilp_solve_s"] = sol.wall_s
     donate = tuple(tied_args) if donate_argnums is None else tuple(donate_argnums)
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
@@ -173,7 +185,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
 def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: float, args: Sequence[Any],
                           static: Sequence[int], tied_args: Sequence[int], batch_argnums: Sequence[int] | None,
                           time_limit_s: float) -> tuple[IntraOpProblem, IlpSolution, str]:
-    """CP-SAT found no plan in time: take the cheapest hand strategy that solves, and say so."""
+    """The cheapest hand strategy that solves: (problem, solution, baseline name)."""
     graph = sgraph.graph
     state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
     groups = _state_groups(args, static, tied_args or [0])
@@ -192,8 +204,7 @@ def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: f
     if best is None:
         raise NoSolutionError(f"no plan found within time_limit_s={time_limit_s:g}, and no baseline "
                               "plan either: raise time_limit_s") from None
-    log.warning("CP-SAT found no plan within %.3g s; falling back to the %s baseline", time_limit_s, best[2])
-    return best[0], best[1], f"ILP timed out: fell back to the {best[2]} baseline"
+    return best
 
 
 def _uses_pipeline_markers(fn: Callable[..., Any], args: Sequence[Any], static_argnums: Sequence[int]) -> bool:
