@@ -2,8 +2,9 @@
 minimised by hand), run through the same harness: numbers right, wire bytes within tolerance.
 
 Fixed here (regression tests pass): dead code planned and predicted (tracer), resharding through
-uneven pieces (cost_model/resharding.py). Reported, not fixed here (xfail, strict): an input
-returned unchanged (alpa_lite/intra_op.py).
+uneven pieces (cost_model/resharding.py), a str static argument (emit). Reported, not fixed
+here (xfail, strict): an input returned unchanged (alpa_lite/intra_op.py), baselines on a
+3-axis mesh (alpa_lite/baselines.py).
 """
 
 from __future__ import annotations
@@ -137,3 +138,18 @@ def test_string_static_argument_stays_out_of_auto_axes(axis_type):
     x = jnp.linspace(0, 1, 64).reshape(8, 8)
     run = al.plan(f, x, "sin", mesh=make_mesh((8,), axis_type), static_argnums=(1,)).compile(f)
     assert jnp.allclose(run(x, "sin"), jnp.sin(x))
+
+
+# ---- baselines on a 3-axis mesh ----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="alpa_lite/baselines.py: on a (2, 2, 2) mesh every baseline splits a "
+                   "dimension over all three axes ([(x,y,z),R]), a spec the strategy enumeration never "
+                   "offers (at most 2 axes per dimension), so it raises 'wants input N as [(x,y,z),R], which "
+                   "the mesh cannot hold' for any program, the MLP example included")
+@pytest.mark.parametrize("method", ["data_parallel", "zero3", "megatron"])
+def test_baselines_on_a_three_axis_mesh(method):
+    def matmul(x, w):  # found by the fuzzer's baseline run; any program does it
+        return (jnp.tanh(x @ w),)
+
+    out = run_program(lambda mesh: matmul, [(32, 16), (16, 16)], (2, 2, 2), "explicit", "cpu", method=method)
+    assert not out.rejected, out.rejected
