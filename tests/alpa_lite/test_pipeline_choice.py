@@ -21,9 +21,11 @@ H100 = al.ClusterSpec.preset("dgx-h100", num_hosts=2, devices_per_host=4)
 ONE_D = jax.sharding.AbstractMesh((8,), ("gpus",))
 
 
-def deep_gpt(n_layers: int = 6):
-    cfg = gpt.GPTConfig(vocab=1024, seq=128, d_model=4096, n_heads=32, n_layers=n_layers, d_ff=16384,
-                        dtype=jnp.bfloat16)
+def deep_gpt(n_layers: int = 4, d_model: int = 8192):
+    """Wide enough that computing the model on every host costs more than sending a stage
+    boundary's activations over the slow link (both grow with d_model, compute as its square)."""
+    cfg = gpt.GPTConfig(vocab=1024, seq=128, d_model=d_model, n_heads=64, n_layers=n_layers,
+                        d_ff=4 * d_model, dtype=jnp.bfloat16)
     return gpt.abstract_example(cfg, batch=16)
 
 

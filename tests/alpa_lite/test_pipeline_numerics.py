@@ -77,7 +77,8 @@ def test_gpt_pipeline_equals_unsharded(num_stages):
                    num_microbatches=4)
     check_stages(plan, num_stages)
     print(plan.summary())
-    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, steps=3, atol=1e-4)
+    # the unsharded step, jitted: eagerly, its first call compiles every op (~13 s here)
+    assert_steps_equal(plan.compile(fn), jax.jit(fn), args, n_state=2, steps=3, atol=1e-4)
 
 
 def test_1f1b_equals_unsharded_and_holds_fewer_microbatches():
@@ -125,10 +126,10 @@ def test_aux_outputs_and_grad():
 def test_memory_budget_fits_compiled_stages():
     """Each stage's compiled forward/backward memory plus the activations it holds for the
     microbatches in flight fits the per-device budget it was planned for."""
-    fn, args = gpt.make_example(gpt.GPTConfig(), batch=16)
+    fn, args = mlp_example(4, batch=64, hidden=512)
     mesh = make_mesh((2, 4))
     free = al.plan(fn, *args, mesh=mesh, cluster=CLUSTER, num_stages=2, num_microbatches=4)
-    budget = 1.25 * max(s.memory_bytes for s in free.stages)
+    budget = max(s.memory_bytes for s in free.stages)  # the tightest budget this plan fits
     plan = al.plan(fn, *args, mesh=mesh, cluster=CLUSTER, num_stages=2, num_microbatches=4,
                    memory_budget=budget)
     assert all(s.memory_bytes <= budget for s in plan.stages)
