@@ -358,3 +358,16 @@ def test_loaded_plan_runs(mlp_plan):
     want = _mlp(*args)
     for _ in range(2):
         np.testing.assert_allclose(np.asarray(run(*fresh(args))), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="runtime.py: a compiled plan fed an array committed to another sharding "
+                   "than the plan's input spec (e.g. another plan's output) raises jax's raw ValueError "
+                   "'Sharding passed to jit does not match the sharding on the respective arg'; the function "
+                   "it replaces accepts it (reshard it, or raise a SignatureError saying so)")
+def test_argument_committed_to_another_sharding(mlp_plan):
+    plan, (x, w1, w2) = mlp_plan
+    mesh = make_mesh((2, 4))
+    other = P(None, "x") if plan.input_specs[0].to_partition_spec() != P(None, "x") else P("x")
+    x_other = jax.device_put(x, NamedSharding(mesh, other))
+    out = plan.compile(_mlp)(x_other, *fresh((w1, w2)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_mlp(x, w1, w2)), rtol=1e-5, atol=1e-5)
