@@ -63,7 +63,7 @@ class _Builder:
 
     def new_tensor(self, aval: Any) -> int:
         shape = tuple(int(d) for d in getattr(aval, "shape", ()))
-        dtype = str(np.dtype(aval.dtype)) if hasattr(aval, "dtype") else "float32"
+        dtype = _dtype_name(aval)
         self.tensors.append(TensorInfo(shape, dtype))
         return len(self.tensors) - 1
 
@@ -87,6 +87,16 @@ class _Builder:
         t = self.new_tensor(aval)
         self.add_op("constant", (), (t,), params={"value": value})
         return t
+
+
+def _dtype_name(aval: Any) -> str:
+    """numpy's name of the dtype; extended dtypes (PRNG keys) keep jax's name, e.g. 'key<fry>'."""
+    if not hasattr(aval, "dtype"):
+        return "float32"
+    try:
+        return str(np.dtype(aval.dtype))
+    except TypeError:
+        return str(aval.dtype)
 
 
 def _source_of(eqn: Any) -> str:
@@ -173,7 +183,9 @@ def _input_spec(x: Any, rank: int) -> ShardingSpec | None:
         return None
     if isinstance(x, jax.Array) and not getattr(x, "_committed", True):
         return None
-    return ShardingSpec.from_partition_spec(sharding.spec, rank)
+    spec = ShardingSpec.from_partition_spec(sharding.spec, rank)
+    # Replicated commitments are what jax.set_mesh gives every array made under it: no intent.
+    return spec if spec.axes_used() else None
 
 
 def _check_input_shardings(dyn: Sequence[Any]) -> None:
