@@ -163,6 +163,7 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     pipeline: PipelineInfo | None = None  # a multi-stage plan
+    static_values: tuple[str, ...] = ()  # repr of each static argument: other values are another program
     # Not saved: rebuilt by compile(fn).
     graph: Any = None
     mesh: Any = None
@@ -198,6 +199,10 @@ class Plan:
         return self._shardings(self.output_specs, "out")
 
     @property
+    def num_devices(self) -> int:
+        return int(np.prod(self.mesh_shape))
+
+    @property
     def predicted_wire_bytes(self) -> float:
         return float(sum(c.wire_bytes() for c in self.collectives))
 
@@ -205,10 +210,17 @@ class Plan:
     def check_signature(self, args: Sequence[Any]) -> None:
         dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
         leaves = jax.tree.leaves(dyn)
-        got = tuple((tuple(int(d) for d in np.shape(x)), str(np.result_type(x)) if not
-                     hasattr(x, "dtype") else str(np.dtype(x.dtype))) for x in leaves)
+        # Python scalars are typed as jax traces them (float32 / int32 unless x64 is on).
+        got = tuple((tuple(int(d) for d in np.shape(x)),
+                     str(jax.dtypes.canonicalize_dtype(np.result_type(x))) if not hasattr(x, "dtype")
+                     else str(np.dtype(x.dtype))) for x in leaves)
         if got != self.signature:
             raise SignatureError(_signature_diff(self.signature, got))
+        statics = tuple(repr(args[i]) for i in self.static_argnums if i < len(args))
+        if self.static_values and statics != self.static_values:
+            raise SignatureError(f"static arguments {', '.join(statics)} differ from the ones the plan was "
+                                 f"made for ({', '.join(self.static_values)}): that is another program, "
+                                 "plan it again")
 
     def compile(self, fn: Callable[..., Any], mesh: Any = None,
                 example_args: Sequence[Any] | None = None) -> Any:
@@ -274,6 +286,7 @@ class Plan:
                         "memory_bytes": s.memory_bytes, "view": list(s.view), "t_s": s.t_s,
                         "u_s": s.u_s, "inflight": s.inflight} for s in self.stages],
             "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
+            "static_values": list(self.static_values),
             "num_args": self.num_args,
             # Through JSON, so tuples read as lists: to_dict() equals that of the reloaded plan.
             "cluster": json.loads(json.dumps(self.cluster)), "timings": self.timings,
@@ -289,19 +302,30 @@ class Plan:
         """Load a saved plan; never executes anything from the file."""
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise PlanFileError(f"plan file is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise PlanFileError(f"plan file is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(d, dict) or "version" not in d:
             raise PlanFileError("plan file has no 'version' field: not an alpa-lite plan")
         if d["version"] != PLAN_VERSION:
             raise PlanFileError(f"plan file has version {d['version']}, this alpa-lite reads "
                                 f"version {PLAN_VERSION}: plan again with this version")
         try:
-            return cls._from_dict(d)
+            plan = cls._from_dict(d)
+            plan._check_axes()
+            return plan
         except PlanFileError:
             raise
         except (KeyError, TypeError, ValueError, PlanningError) as e:
             raise PlanFileError(f"plan file is corrupt: {type(e).__name__}: {e}") from None
+
+    def _check_axes(self) -> None:
+        known = set(self.axis_names)
+        specs = [*self.input_specs, *self.output_specs, *(s for lay in self.layouts for s in (*lay.outs, *lay.ins))]
+        for s in specs:
+            for a in (*s.axes_used(), *s.partial):
+                if a not in known:
+                    raise PlanFileError(f"plan file names mesh axis {a!r} in spec {s}; its mesh has axes "
+                                        f"{list(self.axis_names)}: the file is corrupt")
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -328,6 +352,7 @@ class Plan:
                                    float(s.get("u_s", 0.0)), int(s.get("inflight", 1)))
                          for s in d["stages"]),
             static_argnums=tuple(d["static_argnums"]), donate_argnums=tuple(d["donate_argnums"]),
+            static_values=tuple(str(v) for v in d.get("static_values", ())),
             num_args=int(d["num_args"]), cluster=dict(d["cluster"]),
             timings={k: float(v) for k, v in d["timings"].items()},
             warnings=tuple(d.get("warnings", ())),

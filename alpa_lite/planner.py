@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -76,7 +77,8 @@ def find_ties(graph: OpGraph, args: Sequence[Any], static: Sequence[int],
             if (jax.tree.structure(args[i]) == jax.tree.structure(o)
                     and _leaf_avals(args[i]) == _leaf_avals(o)):
                 for j in range(k):
-                    ties[pos + j] = starts[i] + j
+                    if graph.outputs[pos + j] != graph.inputs[starts[i] + j]:  # returned unchanged: no tie
+                        ties[pos + j] = starts[i] + j
                 tied_args.append(i)
                 break
         pos += k
@@ -121,6 +123,8 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     progress = progress or (lambda phase: None)
     if method not in METHODS:
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not time_limit_s > 0:
+        raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if num_stages not in (None, 1) or (num_stages is None and method == "auto"
                                        and _uses_pipeline_markers(fn, args, static_argnums)):
         progress("DP")
@@ -179,7 +183,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
                            num_args=len(args), timings=timings, note=note)
     timings["total_s"] = time.perf_counter() - t0
-    return result
+    return replace(result, static_values=tuple(repr(args[i]) for i in static))
 
 
 def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: float, args: Sequence[Any],

@@ -142,7 +142,7 @@ class ShardingSpec:
 
 
 def enumerate_specs(shape: Sequence[int], sizes: AxisSizes, *, even_only: bool = True,
-                    max_axes_per_dim: int = 2) -> list[ShardingSpec]:
+                    max_axes_per_dim: int = 3) -> list[ShardingSpec]:
     """All non-partial specs of ``shape``: each mesh axis splits one dimension or none.
 
     Axes sharing a dimension are kept in mesh order (major first), so there is one spec per

@@ -48,7 +48,7 @@ def einsum_strategies(ctx: RuleContext, loops: Sequence[LoopDim], operands: Sequ
         for a, li in zip(axes, choice):
             if li is not None:
                 per_loop.setdefault(li, []).append(a)
-        if any(len(v) > 2 for v in per_loop.values()):
+        if any(len(v) > 3 for v in per_loop.values()):
             continue
         if any(loops[li].size % _prod(ctx, v) for li, v in per_loop.items()):
             continue

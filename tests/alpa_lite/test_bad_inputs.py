@@ -109,9 +109,6 @@ def test_running_on_fewer_devices_than_the_plan_mesh():
     assert "(16,)" in str(e.value) and "(8,)" in str(e.value), str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.py: compile() of a plan made on an AbstractMesh, with no "
-                   "mesh given, returns a function whose call raises jax's raw ValueError ('Memory kinds "
-                   "passed to jax.jit does not match ...') instead of a MeshError asking for a mesh")
 def test_running_an_abstract_plan_compiled_without_a_mesh():
     concrete = [jnp.zeros(s, d) for s, d in _abstract_plan().signature]
     with pytest.raises(MeshError, match="16"):
@@ -202,10 +199,6 @@ def test_static_arguments_as_jit_does(axis_type):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="planner.py/plan_result.py/runtime.py: a plan does not record its "
-                   "static argument values, so a compiled plan called with other static values silently "
-                   "runs the program traced with the planned ones (f(x, w, 'tanh', 4) returns "
-                   "f(x, w, 'tanh', 3)); it should raise SignatureError (another program: plan again)")
 @pytest.mark.parametrize("act,scale", [("tanh", 4), ("sin", 3)])
 def test_other_static_values_are_another_program(act, scale):
     def f(x, w, act, scale):
@@ -220,9 +213,6 @@ def test_other_static_values_are_another_program(act, scale):
     np.testing.assert_allclose(np.asarray(got), np.asarray(f(x, w, act, scale)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="plan_result.py: check_signature types a Python float as numpy does "
-                   "(float64), while jax traced it as float32 (weak type), so the plan refuses the very "
-                   "arguments it was made for with a SignatureError")
 def test_python_scalar_argument_as_jit_does():
     def f(x, scale):
         return jnp.tanh(x) * scale
@@ -360,10 +350,6 @@ def test_loaded_plan_runs(mlp_plan):
         np.testing.assert_allclose(np.asarray(run(*fresh(args))), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.py: a compiled plan fed an array committed to another sharding "
-                   "than the plan's input spec (e.g. another plan's output) raises jax's raw ValueError "
-                   "'Sharding passed to jit does not match the sharding on the respective arg'; the function "
-                   "it replaces accepts it (reshard it, or raise a SignatureError saying so)")
 def test_argument_committed_to_another_sharding(mlp_plan):
     plan, (x, w1, w2) = mlp_plan
     mesh = make_mesh((2, 4))

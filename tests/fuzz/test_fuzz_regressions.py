@@ -113,9 +113,8 @@ def identity_output(v0, v1):
     return v0, v2
 
 
-@pytest.mark.xfail(strict=True, reason="intra_op.build_problem ties an output to the input it equals; "
-                   "when the output *is* that input, the tie edge runs from the parameter node to "
-                   "itself and ilp raises a raw ValueError 'edge 0 (0 -> 0) is a self-loop'")
+# Was: an output that *is* its input got a tie edge from the parameter node to itself (a raw
+# "self-loop" ValueError). The planner now ties only outputs that are computed.
 @pytest.mark.parametrize("fn", [identity_output, lambda x, w: x, lambda x, w: (x, w)],
                          ids=["fuzz case", "return x", "return (x, w)"])
 def test_input_returned_unchanged(fn):
@@ -142,10 +141,6 @@ def test_string_static_argument_stays_out_of_auto_axes(axis_type):
 
 # ---- baselines on a 3-axis mesh ----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="alpa_lite/baselines.py: on a (2, 2, 2) mesh every baseline splits a "
-                   "dimension over all three axes ([(x,y,z),R]), a spec the strategy enumeration never "
-                   "offers (at most 2 axes per dimension), so it raises 'wants input N as [(x,y,z),R], which "
-                   "the mesh cannot hold' for any program, the MLP example included")
 @pytest.mark.parametrize("method", ["data_parallel", "zero3", "megatron"])
 def test_baselines_on_a_three_axis_mesh(method):
     def matmul(x, w):  # found by the fuzzer's baseline run; any program does it
