@@ -55,7 +55,7 @@ def _leaf_avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
             for x in jax.tree.leaves(tree)]
 
 
-def find_ties(graph: OpGraph, args: Sequence[Any], static: Sequence[int],
+def find_ties(graph: OpGraph | None, args: Sequence[Any], static: Sequence[int],
               out_example: Any) -> tuple[dict[int, int], list[int]]:
     """Flat output position → flat input position for carried state; and the args tied whole.
 
@@ -77,7 +77,7 @@ def find_ties(graph: OpGraph, args: Sequence[Any], static: Sequence[int],
             if (jax.tree.structure(args[i]) == jax.tree.structure(o)
                     and _leaf_avals(args[i]) == _leaf_avals(o)):
                 for j in range(k):
-                    if graph.outputs[pos + j] != graph.inputs[starts[i] + j]:  # returned unchanged: no tie
+                    if graph is None or graph.outputs[pos + j] != graph.inputs[starts[i] + j]:  # unchanged: no tie
                         ties[pos + j] = starts[i] + j
                 tied_args.append(i)
                 break
