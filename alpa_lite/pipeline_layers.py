@@ -25,6 +25,7 @@ from alpa_lite.emit import OpLayout
 from alpa_lite.graph import Op, OpGraph
 from alpa_lite.intra_op import build_problem
 from alpa_lite.pipeline_program import Layer
+from alpa_lite.plan_result import VIEW_AXES
 from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import build_strategies
@@ -32,7 +33,6 @@ from ilp import IlpOptions, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.pipeline")
 
-VIEW_AXES = ("dp", "tp")  # logical view of a sub-mesh: (data-parallel, tensor-parallel) sizes
 
 
 @dataclass(frozen=True, eq=False)

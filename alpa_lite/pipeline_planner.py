@@ -124,10 +124,12 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         t1 = time.perf_counter()
         one = _one_stage_or_none(one_stage)
         timings["one_stage_s"] = time.perf_counter() - t1
-        if one is not None and (len(best.stages) == 1 or one.cost.total_s <= best.cost):
-            note = (f"one stage chosen: the best pipeline ({len(best.stages)} stages, "
+        if one is not None and one.cost.total_s <= best.cost:
+            note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
                     f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
-            return replace(one, solver=replace(one.solver, note=note))
+            note = f"{one.solver.note}; {note}" if one.solver.note else note
+            timings = {**one.timings, "pipeline_search_s": time.perf_counter() - t0 - timings["one_stage_s"]}
+            return replace(one, solver=replace(one.solver, note=note), timings=timings)
     timings["total_s"] = time.perf_counter() - t0
     return _assemble(fn, args, mesh, st, best, one, timings)
 
@@ -148,16 +150,34 @@ def _settings(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, cluster: C
               memory_budget: float | None, num_stages: int | None, schedule: str, num_layers: int | None,
               layer_limit: float, views: str, batch_argnums: Sequence[int] | None,
               static_argnums: Sequence[int]) -> tuple[_Settings, Any]:
-    from alpa_lite.planner import _state_and_batch, find_ties, resolve_mesh
+    from alpa_lite.planner import _state_and_batch, resolve_mesh
 
     mesh, cluster = resolve_mesh(mesh, cluster)
     static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
-    _, tied = find_ties(None, args, static, _eval_shape(fn, args, static))
+    tied = _carried_args(args, static, _eval_shape(fn, args, static))
     state, batch = _state_and_batch(args, static, tied, batch_argnums)
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers, layer_limit, views,
                      static, tuple(state), tuple(batch)), mesh
+
+
+def _carried_args(args: Sequence[Any], static: Sequence[int], out: Any) -> list[int]:
+    """Arguments a top-level output has the tree and leaf types of: the carried state (as
+    ``planner.find_ties`` matches them)."""
+    def avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+        return [(tuple(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else np.result_type(x)))
+                for x in jax.tree.leaves(tree)]
+
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    dyn = [i for i in range(len(args)) if i not in static and jax.tree.leaves(args[i])]
+    tied: list[int] = []
+    for o in outs:
+        for i in dyn:
+            if i not in tied and jax.tree.structure(args[i]) == jax.tree.structure(o) and avals(args[i]) == avals(o):
+                tied.append(i)
+                break
+    return tied
 
 
 def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:

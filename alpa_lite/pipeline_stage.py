@@ -26,9 +26,9 @@ from jax.sharding import NamedSharding
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout, make_body
 from alpa_lite.graph import OpGraph
-from alpa_lite.pipeline_layers import VIEW_AXES, LayerGraph, parameter_op
+from alpa_lite.pipeline_layers import LayerGraph, parameter_op
 from alpa_lite.pipeline_program import Layer
-from alpa_lite.plan_result import LayerPlan
+from alpa_lite.plan_result import VIEW_AXES, LayerPlan
 from alpa_lite.specs import ShardingSpec
 
 Var = Any

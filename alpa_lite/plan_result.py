@@ -21,6 +21,7 @@ from alpa_lite.errors import PlanFileError, PlanningError, SignatureError
 from alpa_lite.specs import ShardingSpec
 
 PLAN_VERSION = 1
+VIEW_AXES = ("dp", "tp")  # a pipeline stage's logical view of its sub-mesh: (data, tensor) parallel
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,10 @@ class Plan:
     def _check_axes(self) -> None:
         known = set(self.axis_names)
         specs = [*self.input_specs, *self.output_specs, *(s for lay in self.layouts for s in (*lay.outs, *lay.ins))]
+        if self.pipeline is not None:  # a pipeline's specs name the axes of its stages' logical views
+            known |= set(VIEW_AXES)
+            specs += [s for lp in self.pipeline.layer_plans
+                      for s in (*lp.in_specs, *lp.out_specs, *(x for lay in lp.layouts for x in (*lay.outs, *lay.ins)))]
         for s in specs:
             for a in (*s.axes_used(), *s.partial):
                 if a not in known:
