@@ -57,6 +57,15 @@ def materialised(graph: OpGraph) -> frozenset[int]:
             keep.add(op.index)
         elif op.primitive in _EXPENSIVE and (len(readers) > 1 or prims[0] in _SHAPE_LOOP):
             keep.add(op.index)
+    # A reduction takes one element-wise producer into its kernel; what that producer reads is
+    # materialised (XLA CPU, jax 0.10.2: reductions are YNNPACK fusions of depth one).
+    for op in graph.ops:
+        if op.primitive not in _REDUCTIONS:
+            continue
+        for t in op.operands:
+            src = graph.producer[t]
+            if src not in keep:
+                keep.update(graph.producer[u] for u in graph.ops[src].operands)
     return frozenset(keep)
 
 
