@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.graph import OpGraph
+from alpa_lite.scan import emit_scan  # also files the scan op's strategy rule
 from alpa_lite.specs import ShardingSpec
 from cost_model.resharding import reshard_path
 
@@ -31,6 +33,18 @@ class OpLayout:
     outs: tuple[ShardingSpec, ...]
     ins: tuple[ShardingSpec, ...]
     free: bool = False
+
+
+def constrain_to(x: Any, spec: ShardingSpec, mesh: Any = None) -> Any:
+    """``with_sharding_constraint(x, spec)`` (partial axes dropped); scalars pass through."""
+    if not getattr(x, "ndim", 0):
+        return x
+    pspec = spec.to_partition_spec()
+    # Inside auto_axes on an Explicit mesh the context mesh is set: a bare PartitionSpec
+    # refers to it. On an Auto mesh there is no context mesh: name the mesh.
+    if jax.sharding.get_abstract_mesh().empty and mesh is not None:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, pspec))
+    return jax.lax.with_sharding_constraint(x, pspec)
 
 
 def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequence[ShardingSpec],
@@ -49,14 +63,7 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
             produced.update(zip(op.outputs, lay.outs))
 
     def constrain(x: Any, spec: ShardingSpec) -> Any:
-        if not getattr(x, "ndim", 0):
-            return x
-        pspec = spec.to_partition_spec()
-        # Inside auto_axes on an Explicit mesh the context mesh is set: a bare PartitionSpec
-        # refers to it. On an Auto mesh there is no context mesh: name the mesh.
-        if jax.sharding.get_abstract_mesh().empty and mesh is not None:
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, pspec))
-        return jax.lax.with_sharding_constraint(x, pspec)
+        return constrain_to(x, spec, mesh)
 
     def body(*flat: Any) -> list[Any]:
         env: dict[int, Any] = {}
@@ -84,9 +91,12 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
                 continue
             wants = [None] * len(op.operands) if lay.free else list(lay.ins)
             ins = [fetch(t, w) for t, w in zip(op.operands, wants)]
-            params = op.primitive.get_bind_params(dict(op.params))
-            outs = op.primitive.bind(*ins, **params)
-            outs = outs if op.primitive.multiple_results else [outs]
+            if op.primitive is lax.scan_p and not lay.free:  # constraints inside the loop body
+                outs = emit_scan(op, ins, lay.outs, lay.ins, cluster, mesh)
+            else:
+                params = op.primitive.get_bind_params(dict(op.params))
+                outs = op.primitive.bind(*ins, **params)
+                outs = outs if op.primitive.multiple_results else [outs]
             for t, x, spec in zip(op.outputs, outs, lay.outs):
                 env[t] = x if lay.free or spec.is_partial else constrain(x, spec)
         return [fetch(t, s) for t, s in zip(graph.outputs, output_specs)]

@@ -50,6 +50,9 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
                   memory_budget: float | None,
                   allowed: Mapping[int, Sequence[bool]] | None = None) -> IntraOpProblem:
     """``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden."""
+    from alpa_lite.scan import pair_scans
+
+    sgraph = pair_scans(sgraph)  # a backward scan gets candidates matching its forward scan's
     g, cluster = sgraph.graph, sgraph.cluster
     strats = sgraph.strategies
     node_costs = [np.array([s.compute_s + s.comm_s for s in ss]) for ss in strats]

@@ -8,11 +8,12 @@ plan never asked for): the tests assert that list, so such additions are named, 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from alpa_lite.hlo_stats import CompiledStats, stats_of
+from alpa_lite.hlo_stats import CompiledCollective, CompiledStats, parse_collectives, stats_of
 from tests.helpers import fresh
 
 WIRE_TOLERANCE = 0.10
@@ -61,8 +62,29 @@ def extra_kinds(plan: Any, stats: CompiledStats) -> tuple[str, ...]:
                         if wire > pred.get(k, 0.0) * (1 + WIRE_TOLERANCE) + 64))
 
 
+_IN_LOOP = re.compile(r"(\S+) %(\S+) runs inside while \S+ \(trip count (\d+)\); counted once")
+
+
+def per_iteration(stats: CompiledStats, hlo_text: str) -> CompiledStats:
+    """``stats`` with each collective inside a loop counted once per iteration: hlo_stats counts
+    an instruction once and notes its loop's trip count in ``warnings``."""
+    extra: list[CompiledCollective] = []
+    notes = []
+    for w in stats.warnings:
+        m = _IN_LOOP.fullmatch(w)
+        if not m:
+            notes.append(w)
+            continue
+        line = next(ln for ln in hlo_text.splitlines() if re.search(rf"%{re.escape(m.group(2))} = ", ln))
+        extra.extend(parse_collectives(line, num_devices=8) * (int(m.group(3)) - 1))
+    return replace(stats, collectives=stats.collectives + tuple(extra), warnings=tuple(notes))
+
+
 def measure(name: str, plan: Any, fn: Callable[..., Any], args: Sequence[Any]) -> Measured:
-    stats = stats_of(plan.compile(fn), *fresh(list(args)))
+    jitted = plan.compile(fn)
+    stats = stats_of(jitted, *fresh(list(args)))
+    if any(_IN_LOOP.fullmatch(w) for w in stats.warnings):
+        stats = per_iteration(stats, jitted.lower(*fresh(list(args))).compile().as_text())
     m = Measured(name, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes,
                  extra_kinds(plan, stats))
     print(m)
