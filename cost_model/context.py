@@ -18,6 +18,21 @@ from alpa_lite.graph import TensorInfo
 from alpa_lite.specs import ShardingSpec, enumerate_specs
 from cost_model.strategy import Collective, Strategy
 
+# 16-bit floats a backend may compute (and communicate) in float32 instead.
+_HALF_FLOATS = ("bfloat16", "float16")
+
+
+def wire_itemsize(t: TensorInfo, cluster: ClusterSpec) -> int:
+    """Bytes per element a collective moves for ``t`` on ``cluster``'s backend.
+
+    XLA's CPU backend has no 16-bit float arithmetic: its float-normalization pass computes
+    bf16/f16 in f32, and the collectives of such values run in f32 too (seen on jax 0.10.2 with
+    8 host devices: a bf16 dot's all-reduce, a bf16 reduction's all-reduce and a bf16
+    all-gather all move f32). GPUs move the dtype's own size (bf16: 2 bytes)."""
+    if t.dtype in _HALF_FLOATS and cluster.device.name.lower().startswith("cpu"):
+        return 4
+    return t.itemsize
+
 
 @dataclass(frozen=True)
 class RuleContext:
@@ -43,6 +58,10 @@ class RuleContext:
 
     def local_bytes(self, t: TensorInfo, spec: ShardingSpec) -> float:
         return float(math.prod(spec.local_shape(t.shape, self.sizes)) * t.itemsize)
+
+    def wire_bytes(self, t: TensorInfo, spec: ShardingSpec) -> float:
+        """The per-device buffer a collective of ``t`` in ``spec`` moves (``wire_itemsize``)."""
+        return float(math.prod(spec.local_shape(t.shape, self.sizes)) * wire_itemsize(t, self.cluster))
 
     def compute_time(self, flops: float, touched_bytes: float) -> float:
         dev = self.cluster.device
@@ -85,7 +104,7 @@ class RuleContext:
             if not spec.partial or len(s.out_specs) != 1:
                 continue
             reduced = spec.without_partial()
-            c = all_reduce(spec.partial, self.local_bytes(self.out, reduced), self.cluster)
+            c = all_reduce(spec.partial, self.wire_bytes(self.out, reduced), self.cluster)
             if c is None:
                 continue
             out.append(replace(s, name=f"{s.name}→reduced", out_specs=(reduced,),

@@ -47,6 +47,7 @@ from alpa_lite.errors import ShardingError
 from alpa_lite.graph import TensorInfo
 from alpa_lite.specs import ShardingSpec
 from cost_model.collectives import collective, collective_time
+from cost_model.context import wire_itemsize
 from cost_model.strategy import Collective
 
 __all__ = ["ReshardStep", "reshard", "reshard_path", "resharding_matrix"]
@@ -119,7 +120,7 @@ class _Search:
     def __init__(self, dst: ShardingSpec, tensor: TensorInfo, cluster: ClusterSpec):
         self.target = dst.dims
         self.shape = tensor.shape
-        self.itemsize = tensor.itemsize
+        self.itemsize = wire_itemsize(tensor, cluster)  # what a collective moves per element
         self.cluster = cluster
         self.sizes = cluster.axis_sizes
         self.order = {a: i for i, a in enumerate(cluster.axis_names)}

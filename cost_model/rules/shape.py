@@ -61,7 +61,7 @@ def _reduce_strategies(ctx: RuleContext, x: TensorInfo, axes: Sequence[int],
             continue
         colls = []
         if red_axes:
-            out_local = ctx.local_bytes(ctx.out, ShardingSpec(out_dims))
+            out_local = ctx.wire_bytes(ctx.out, ShardingSpec(out_dims))
             c = all_reduce(red_axes, out_local, ctx.cluster)
             colls = [c] if c is not None else []
         outs = [ShardingSpec(out_dims)] * len(ctx.outs)
