@@ -88,7 +88,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                   num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
                   num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S,
-                  logical_views: str = "auto") -> Plan:
+                  logical_views: str = "auto", compare_one_stage: bool = True) -> Plan:
     """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower).
 
     Beyond ``al.plan``'s arguments: ``schedule`` ("gpipe" or "1f1b"), ``num_layers`` (cluster the
@@ -97,6 +97,9 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     dimension over all devices; across k hosts also (k, M), hosts × a host's devices, where the
     two links differ), "all" (every dp×tp with tp within a host: hybrids inside a host too, at a
     much larger ILP: ~90k against ~5k variables for a GPT block on 2×2 against 4×1) or "1d".
+    ``compare_one_stage=False`` skips planning the one-stage candidate (with ``num_stages=None``
+    the DP still weighs one stage composed from the layers' plans): for big models on a 2-D mesh
+    that ILP dominates planning time.
     """
     from alpa_lite.planner import plan
 
@@ -120,7 +123,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
                               "raise memory_budget, use more microbatches or another num_stages")
     one = None
-    if num_stages is None:
+    if num_stages is None and compare_one_stage:
         t1 = time.perf_counter()
         one = _one_stage_or_none(one_stage)
         timings["one_stage_s"] = time.perf_counter() - t1
