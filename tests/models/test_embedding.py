@@ -7,6 +7,7 @@ a large batch it does not. Runs equal to the unsharded step over 2 steps.
 
 from __future__ import annotations
 
+import pytest
 from jax.sharding import PartitionSpec as P
 from models_common import measure
 
@@ -48,6 +49,7 @@ def test_large_vocab_splits_the_embedding_vocab_dim():
     assert_steps_equal(plan.compile(fn), fn, args, n_state=2, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_small_vocab_large_batch_keeps_the_embedding_whole():
     fn, args = make_example(SMALL_VOCAB)
     plan = al.plan(fn, *args, mesh=make_mesh((8,)))
