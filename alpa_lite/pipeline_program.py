@@ -125,6 +125,8 @@ def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Seq
     """Whether the step calls ``al.value_and_grad`` (at its top level, jits inlined). False when
     it cannot be traced as given: planning one stage then reports why (``tracer.trace``)."""
     flat_fn, leaves, _ = flat_function(fn, args, static)
+    if not all(hasattr(x, "dtype") or isinstance(x, (bool, int, float, complex)) for x in leaves):
+        return False
     try:
         jaxpr = _trace(flat_fn, [_aval(x) for x in leaves]).jaxpr
     except Exception:  # noqa: BLE001 - bad arguments get the one-stage path's clear error
