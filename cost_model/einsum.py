@@ -50,7 +50,7 @@ def einsum_strategies(ctx: RuleContext, loops: Sequence[LoopDim], operands: Sequ
                 per_loop.setdefault(li, []).append(a)
         if any(len(v) > 3 for v in per_loop.values()):
             continue
-        if any(loops[li].size % _prod(ctx, v) for li, v in per_loop.items()):
+        if any(loops[li].size % ctx.cluster.group_size(v) for li, v in per_loop.items()):
             continue
         in_dims = [[()] * t.rank for t in operands]
         out_dims = [()] * out.rank
@@ -73,9 +73,3 @@ def einsum_strategies(ctx: RuleContext, loops: Sequence[LoopDim], operands: Sequ
         result.append(ctx.strategy(name, [out_spec], ins, operands))
     return result
 
-
-def _prod(ctx: RuleContext, axes: Sequence[str]) -> int:
-    n = 1
-    for a in axes:
-        n *= ctx.sizes[a]
-    return n

@@ -66,17 +66,10 @@ def _reduce_strategies(ctx: RuleContext, x: TensorInfo, axes: Sequence[int],
             colls = [c] if c is not None else []
         outs = [ShardingSpec(out_dims)] * len(ctx.outs)
         # A split reduced dim still divides the work: count those axes as splitting it.
-        split_flops = ctx.flops / max(1, _size(ctx, red_axes))
+        split_flops = ctx.flops / max(1, ctx.cluster.group_size(red_axes))
         result.append(ctx.strategy(str(s) + "→" + str(outs[0]), outs, ins, [x, *extra_ins],
                                    colls, flops=split_flops))
     return result
-
-
-def _size(ctx: RuleContext, axes: Sequence[str]) -> int:
-    n = 1
-    for a in axes:
-        n *= ctx.sizes[a]
-    return n
 
 
 @register_strategy(lax.reduce_sum_p)
