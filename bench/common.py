@@ -10,7 +10,7 @@ import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,6 +40,30 @@ def model_configs(smallest: bool = False, only: Sequence[str] | None = None
             continue
         configs[name] = mod.target
     return {k: v for k, v in configs.items() if not only or k in only}
+
+
+METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")
+
+
+def cases(smallest: bool = False, only: Sequence[str] | None = None) -> Iterator[tuple[str, Any, Any, str, Any]]:
+    """(model name, step fn, example args, mesh name, mesh) for every model × mesh benchmarked."""
+    meshes = {"8": (8,)} if smallest else MESHES
+    for name, make in model_configs(smallest, only).items():
+        fn, args = make()
+        for mesh_name, shape in meshes.items():
+            yield name, fn, args, mesh_name, jax.make_mesh(shape, ("x", "y")[: len(shape)])
+
+
+def methods_for(mesh: Any) -> tuple[str, ...]:
+    """auto and every baseline that applies (dp_tp needs a 2-D mesh)."""
+    return METHODS if len(mesh.axis_names) >= 2 else METHODS[:-1]
+
+
+def fresh(args: Any) -> Any:
+    """Copies, so a plan's donation never deletes the example arguments."""
+    import numpy as np
+
+    return jax.tree.map(lambda a: jax.numpy.array(np.asarray(a)), args)
 
 
 def machine() -> str:

@@ -10,14 +10,9 @@ from __future__ import annotations
 import argparse
 
 import bench.common as common
-import jax
-import numpy as np
 
 import alpa_lite as al
 from alpa_lite.hlo_stats import stats_of
-
-METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")
-
 
 def _err(pred: float, got: float) -> float:
     return abs(pred - got) / max(got, 1.0)
@@ -25,26 +20,20 @@ def _err(pred: float, got: float) -> float:
 
 def run(smallest: bool = False, only: list[str] | None = None) -> dict:
     rows, records = [], []
-    meshes = {"8": (8,)} if smallest else common.MESHES
-    for name, make in common.model_configs(smallest, only).items():
-        fn, args = make()
-        for mesh_name, shape in meshes.items():
-            mesh = jax.make_mesh(shape, ("x", "y")[: len(shape)])
-            for m in METHODS:
-                if m == "dp_tp" and len(shape) < 2:
-                    continue
-                plan = al.plan(fn, *args, mesh=mesh, method=m)
-                st = stats_of(plan.compile(fn), *jax.tree.map(lambda a: jax.numpy.array(np.asarray(a)), args))
-                rec = dict(model=name, mesh=mesh_name, method=m,
-                           pred_wire=plan.predicted_wire_bytes, wire=st.wire_bytes,
-                           pred_mem=plan.cost.peak_memory_bytes, mem=st.memory_bytes,
-                           xla_warnings=len(st.warnings))
-                rec["wire_err"] = _err(rec["pred_wire"], rec["wire"])
-                rec["mem_err"] = _err(rec["pred_mem"], rec["mem"])
-                records.append(rec)
-                rows.append([name, mesh_name, m, f"{rec['pred_wire']:,.0f}", f"{rec['wire']:,.0f}",
-                             f"{rec['wire_err']:.1%}", f"{rec['pred_mem']:,.0f}", f"{rec['mem']:,}",
-                             f"{rec['mem_err']:.1%}", rec["xla_warnings"]])
+    for name, fn, args, mesh_name, mesh in common.cases(smallest, only):
+        for m in common.methods_for(mesh):
+            plan = al.plan(fn, *args, mesh=mesh, method=m)
+            st = stats_of(plan.compile(fn), *common.fresh(args))
+            rec = dict(model=name, mesh=mesh_name, method=m,
+                       pred_wire=plan.predicted_wire_bytes, wire=st.wire_bytes,
+                       pred_mem=plan.cost.peak_memory_bytes, mem=st.memory_bytes,
+                       xla_warnings=len(st.warnings))
+            rec["wire_err"] = _err(rec["pred_wire"], rec["wire"])
+            rec["mem_err"] = _err(rec["pred_mem"], rec["mem"])
+            records.append(rec)
+            rows.append([name, mesh_name, m, f"{rec['pred_wire']:,.0f}", f"{rec['wire']:,.0f}",
+                         f"{rec['wire_err']:.1%}", f"{rec['pred_mem']:,.0f}", f"{rec['mem']:,}",
+                         f"{rec['mem_err']:.1%}", rec["xla_warnings"]])
     max_wire = max(r["wire_err"] for r in records)
     max_mem = max(r["mem_err"] for r in records)
     common.print_table(f"Fidelity ({common.machine()}): max wire-byte error {max_wire:.1%}, "

@@ -13,42 +13,27 @@ import argparse
 import math
 
 import bench.common as common  # sets XLA_FLAGS first
-import jax
-import numpy as np
 
 import alpa_lite as al
 from alpa_lite.hlo_stats import stats_of
 
-METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")
-
-
-def fresh(args):
-    return jax.tree.map(lambda a: jax.numpy.array(np.asarray(a)), args)
-
-
 def run(smallest: bool = False, only: list[str] | None = None) -> dict:
     rows, records = [], []
-    meshes = {"8": (8,)} if smallest else common.MESHES
-    for name, make in common.model_configs(smallest, only).items():
-        fn, args = make()
-        for mesh_name, shape in meshes.items():
-            mesh = jax.make_mesh(shape, ("x", "y")[: len(shape)])
-            h100 = al.ClusterSpec.preset("dgx-h100").with_mesh(shape, mesh.axis_names)
-            res = {}
-            for m in METHODS:
-                if m == "dp_tp" and len(shape) < 2:
-                    continue
-                plan = al.plan(fn, *args, mesh=mesh, method=m)
-                st = stats_of(plan.compile(fn), *fresh(args))
-                gpu = al.plan(fn, *args, mesh=mesh, cluster=h100, method=m)
-                res[m] = dict(wire=st.wire_bytes, mem=st.memory_bytes, flops=st.flops,
-                              h100_ms=gpu.cost.total_s * 1e3)
-            best = min((m for m in res if m != "auto"), key=lambda m: res[m]["wire"])
-            ratio = (res["auto"]["wire"] + 1) / (res[best]["wire"] + 1)
-            rows.append([name, mesh_name, f"{res['auto']['wire']:,.0f}", best, f"{res[best]['wire']:,.0f}",
-                         ratio, f"{res['auto']['mem']:,}", f"{res[best]['mem']:,}",
-                         res["auto"]["h100_ms"], res[best]["h100_ms"]])
-            records.append(dict(model=name, mesh=mesh_name, results=res, best_baseline=best, ratio=ratio))
+    for name, fn, args, mesh_name, mesh in common.cases(smallest, only):
+        h100 = al.ClusterSpec.preset("dgx-h100").with_mesh(tuple(mesh.axis_sizes), mesh.axis_names)
+        res = {}
+        for m in common.methods_for(mesh):
+            plan = al.plan(fn, *args, mesh=mesh, method=m)
+            st = stats_of(plan.compile(fn), *common.fresh(args))
+            gpu = al.plan(fn, *args, mesh=mesh, cluster=h100, method=m)
+            res[m] = dict(wire=st.wire_bytes, mem=st.memory_bytes, flops=st.flops,
+                          h100_ms=gpu.cost.total_s * 1e3)
+        best = min((m for m in res if m != "auto"), key=lambda m: res[m]["wire"])
+        ratio = (res["auto"]["wire"] + 1) / (res[best]["wire"] + 1)
+        rows.append([name, mesh_name, f"{res['auto']['wire']:,.0f}", best, f"{res[best]['wire']:,.0f}",
+                     ratio, f"{res['auto']['mem']:,}", f"{res[best]['mem']:,}",
+                     res["auto"]["h100_ms"], res[best]["h100_ms"]])
+        records.append(dict(model=name, mesh=mesh_name, results=res, best_baseline=best, ratio=ratio))
     geo = math.exp(sum(math.log(r["ratio"]) for r in records) / max(len(records), 1))
     common.print_table(f"Plan quality ({common.machine()}); geometric mean auto/best wire bytes = {geo:.3f}",
                        ["model", "mesh", "auto wire B", "best baseline", "its wire B", "auto/best",
