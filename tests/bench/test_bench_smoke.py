@@ -29,3 +29,30 @@ def test_bench_script_smallest(script, header, tmp_path):
         assert all(r["wire_err"] <= 0.10 for r in data["rows"]), data["rows"]
     if script == "plan_quality":
         assert all(r["ratio"] <= 1.0 + 1e-9 for r in data["rows"]), data["rows"]
+
+
+def test_megatron_sc21_smallest(tmp_path):
+    """1.7B and 3.6B rows: finite positive predictions, the published figures as in the paper's
+    Table 1, FLOPs as its formula counts them, and more GPU-seconds per step for the larger model."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.megatron_sc21", "--smallest", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| model | TP/PP/DP | mbs×micro |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    published = {"1.7B": (137.0, 44, 1, 1, 32, 512), "3.6B": (138.0, 44, 2, 1, 64, 512)}
+    assert [r["name"] for r in rows] == list(published)
+    for r in rows:
+        assert (r["tflops"], r["peak_pct"], r["tp"], r["pp"], r["gpus"], r["batch"]) == published[r["name"]]
+        h, n, b = r["hidden"], r["layers"], r["batch"]
+        want = 96 * b * 2048 * n * h * h * (1 + 2048 / (6 * h) + 51200 / (16 * n * h))  # the paper's eq. 3
+        assert r["paper_flops"] == pytest.approx(want)
+        assert 0 < r["pred_tflops"] < 312 and r["step_s"] > 0
+        assert r["pred_tflops"] == pytest.approx(r["paper_flops"] / (r["step_s"] * r["gpus"]) / 1e12)
+        assert r["error"] == pytest.approx(r["pred_tflops"] / r["tflops"] - 1)
+        # recomputation: a block costs its forward+backward plus one more forward
+        assert r["block_s"] == pytest.approx(r["pieces"]["fwd_bwd"]["total_s"] + r["pieces"]["fwd"]["total_s"])
+        assert r["pieces"]["fwd_bwd"]["total_s"] > 2 * r["pieces"]["fwd"]["total_s"]
+    small, large = rows
+    assert large["step_s"] * large["gpus"] > small["step_s"] * small["gpus"]
+    assert small["tp_comm_per_micro_s"] == 0 < large["tp_comm_per_micro_s"]  # TP 1 vs TP 2
