@@ -5,6 +5,7 @@
     alpa-lite show plan.json
     alpa-lite compare examples.mlp:target --mesh 8
     alpa-lite check examples.mlp:target --mesh 2x4 [--plan plan.json]
+    alpa-lite calibrate [--mesh 2x4] [--out cluster.json] [--quick]   (then plan --cluster cluster.json)
 
 TARGET is ``MODULE:FUNCTION`` (MODULE importable from the current directory, or a ``.py`` path);
 the function takes no arguments and returns ``(fn, example_args)``, or ``(fn, example_args,
@@ -13,7 +14,8 @@ plan_kwargs)`` with further ``al.plan`` keyword arguments (``batch_argnums``, ..
 Devices: before jax starts, the command asks XLA for max(8, mesh size) CPU devices (at most
 ``MAX_FORCED_DEVICES``), unless ``XLA_FLAGS`` already sets a count. A mesh with more devices
 than are here, or a GPU cluster preset planned on a machine without GPUs, is planned on a
-``jax.sharding.AbstractMesh``: nothing runs. ``check`` compiles here and needs the devices.
+``jax.sharding.AbstractMesh``: nothing runs. ``check`` and ``calibrate`` run here and need the
+devices.
 
 Bad input (unknown module or target, bad mesh, unknown preset, bad memory size, unreadable plan
 file, any ``PlanningError``) prints one line on stderr and exits with status 2.
@@ -30,7 +32,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +380,63 @@ def check_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | Non
     stdout_console().print(check_renderable(report, result))
     if strict and report.flagged:
         ctx.exit(1)
+
+
+@cli.command("calibrate")
+@click.option("--mesh", help="Mesh to measure on: sizes joined by 'x' (default: 2 × half the devices, e.g. 2x4).")
+@click.option("--axes", help="Mesh axis names, comma-separated (default x,y,...).")
+@click.option("--out", "out_path", default="cluster.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Write the ClusterSpec JSON here.")
+@click.option("--quick", is_flag=True, help="Two sizes and fewer repeats: a few seconds, rougher figures.")
+@click.option("--sizes", help="Per-device collective buffers, comma-separated (default 4KiB,32KiB,256KiB,1MiB,4MiB).")
+@click.pass_context
+def calibrate_cmd(ctx: click.Context, mesh: str | None, axes: str | None, out_path: str, quick: bool,
+                  sizes: str | None) -> None:
+    """Measure α and β per mesh axis and FLOP/s and memory bandwidth per device on the devices
+    here; write a ClusterSpec JSON for 'alpa-lite plan TARGET --cluster FILE'."""
+    from alpa_lite.calibrate import calibrate, calibration_renderable
+    from alpa_lite.progress import PlanProgress
+
+    with one_line_errors(ctx):
+        opts = _calibration_options(quick, sizes)
+        if not Path(out_path).resolve().parent.is_dir():
+            raise CliError(f"cannot write {out_path!r}: no such directory")
+        shape = parse_mesh(mesh) if mesh is not None else None
+        force_host_devices(math.prod(shape) if shape else 8)
+        jax_mesh = _calibration_mesh(shape, axes)
+        with PlanProgress() as progress:
+            result = calibrate(jax_mesh, opts, progress)
+        _write(out_path, result.cluster.to_json() + "\n")
+    stdout_console().print(calibration_renderable(result))
+    click.echo(f"cluster written to {out_path}; use it with: alpa-lite plan MODULE:TARGET --cluster {out_path}")
+
+
+def _calibration_options(quick: bool, sizes: str | None) -> Any:
+    from alpa_lite.calibrate import CalibrationOptions
+
+    opts = CalibrationOptions.quick() if quick else CalibrationOptions()
+    if sizes is None:
+        return opts
+    values = tuple(sorted({int(parse_memory(v)) for v in sizes.split(",")}))
+    if len(values) < 2 or values[0] < 4:
+        raise CliError(f"--sizes {sizes!r}: give two or more different sizes of 4 bytes or more, e.g. 4KiB,1MiB")
+    return replace(opts, sizes=values)
+
+
+def _calibration_mesh(shape: tuple[int, ...] | None, axes: str | None) -> Any:
+    """The mesh to measure on: ``shape`` (default 2 × half the devices, or all devices in one axis
+    when their number is odd) of this machine's first devices."""
+    import jax
+
+    devices = jax.devices()
+    n = len(devices)
+    if shape is None:
+        shape = (2, n // 2) if n >= 4 and n % 2 == 0 else (n,)
+    choice = choose_mesh("x".join(map(str, shape)), axes, None)
+    if choice.size > n:
+        raise CliError(f"calibrate measures this machine: mesh {'x'.join(map(str, shape))} needs {choice.size} "
+                       f"devices, this machine has {n} {devices[0].platform} devices")
+    return jax.make_mesh(choice.shape, choice.names, devices=devices[: choice.size])
 
 
 def read_plan(path: str) -> Any:

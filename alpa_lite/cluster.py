@@ -5,6 +5,11 @@ roofline figures per device (peak FLOP/s × efficiency, HBM bytes/s) and memory 
 A mesh axis whose devices sit in one host uses the in-host link (NVLink); an axis that spans
 hosts uses the cross-host link (InfiniBand): devices are numbered host-major, so an axis of
 size s whose minor axes hold p devices stays in a host when s·p ≤ devices_per_host.
+
+``axis_links`` (optional, what ``alpa-lite calibrate`` writes) overrides the link of named mesh
+axes with figures measured on that mesh. They hold for that mesh only: viewing the cluster as a
+mesh of another shape drops them (the host links remain); the same shape under other axis names
+renames them in order.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class ClusterSpec:
     devices_per_host: int
     has_reduce_scatter: bool = True
     name: str = "custom"
+    # (axis name, Link) pairs measured on this mesh; a tuple so the spec stays hashable.
+    axis_links: tuple[tuple[str, Link], ...] = ()
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -122,7 +129,13 @@ class ClusterSpec:
             raise MeshError(f"mesh axis names {names} repeat a name")
         if any(s < 1 for s in shape):
             raise MeshError(f"mesh shape {shape} has a size below 1")
-        return replace(self, mesh_shape=shape, axis_names=names)
+        links = self.axis_links
+        if shape != self.mesh_shape:
+            links = ()  # measured on another mesh: fall back to the host links
+        elif names != self.axis_names:
+            rename = dict(zip(self.axis_names, names))
+            links = tuple((rename[a], lk) for a, lk in links)
+        return replace(self, mesh_shape=shape, axis_names=names, axis_links=links)
 
     # ---- per-axis figures --------------------------------------------------------------
     @property
@@ -133,11 +146,19 @@ class ClusterSpec:
     def axis_sizes(self) -> dict[str, int]:
         return dict(zip(self.axis_names, self.mesh_shape))
 
-    def link(self, axis: str) -> Link:
-        """In-host link when the axis's devices share a host, else the cross-host link."""
+    def crosses_hosts(self, axis: str) -> bool:
+        """Whether the devices along ``axis`` sit in more than one host (host-major numbering)."""
         i = self.axis_names.index(axis)
         span = math.prod(self.mesh_shape[i:])  # devices covered by this axis and its minors
-        return self.intra_host if span <= self.devices_per_host else self.inter_host
+        return span > self.devices_per_host
+
+    def link(self, axis: str) -> Link:
+        """The axis's measured link if ``axis_links`` has one; else the in-host link when the
+        axis's devices share a host, the cross-host link when they do not."""
+        for name, measured in self.axis_links:
+            if name == axis:
+                return measured
+        return self.inter_host if self.crosses_hosts(axis) else self.intra_host
 
     def alpha(self, axes: Sequence[str]) -> float:
         return max((self.link(a).alpha for a in axes), default=0.0)
@@ -152,7 +173,13 @@ class ClusterSpec:
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; ``axis_links`` as ``{axis: {alpha, beta}}``, left out when empty (so plan
+        files written before it existed and after are alike)."""
+        d = asdict(self)
+        d.pop("axis_links")
+        if self.axis_links:
+            d["axis_links"] = {a: asdict(lk) for a, lk in self.axis_links}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterSpec:
@@ -160,8 +187,9 @@ class ClusterSpec:
             return cls(mesh_shape=tuple(d["mesh_shape"]), axis_names=tuple(d["axis_names"]),
                        device=DeviceModel(**d["device"]), intra_host=Link(**d["intra_host"]),
                        inter_host=Link(**d["inter_host"]), devices_per_host=int(d["devices_per_host"]),
-                       has_reduce_scatter=bool(d["has_reduce_scatter"]), name=str(d.get("name", "custom")))
-        except (KeyError, TypeError) as e:
+                       has_reduce_scatter=bool(d["has_reduce_scatter"]), name=str(d.get("name", "custom")),
+                       axis_links=_axis_links(d.get("axis_links") or {}, d["axis_names"]))
+        except (KeyError, TypeError, AttributeError) as e:
             raise MeshError(f"cluster description is missing or has a bad field: {e}") from None
 
     @classmethod
@@ -175,10 +203,23 @@ class ClusterSpec:
         return json.dumps(self.to_dict(), indent=1)
 
     def scaled(self, *, inter_beta: float | None = None, intra_beta: float | None = None) -> ClusterSpec:
-        """A copy with other link bandwidths (what-if studies: a slow cross-host link)."""
-        return replace(self,
+        """A copy with other link bandwidths (what-if studies: a slow cross-host link); a measured
+        axis link takes the new bandwidth of the kind of link its axis is."""
+        def beta(crosses: bool, old: float) -> float:
+            return (inter_beta if crosses else intra_beta) or old
+
+        links = tuple((a, replace(lk, beta=beta(self.crosses_hosts(a), lk.beta))) for a, lk in self.axis_links)
+        return replace(self, axis_links=links,
                        inter_host=replace(self.inter_host, beta=inter_beta or self.inter_host.beta),
                        intra_host=replace(self.intra_host, beta=intra_beta or self.intra_host.beta))
+
+
+def _axis_links(d: dict[str, Any], axis_names: Sequence[str]) -> tuple[tuple[str, Link], ...]:
+    """``{axis: {alpha, beta}}`` → ``axis_links``, in mesh-axis order; unknown axes are an error."""
+    unknown = sorted(set(d) - set(axis_names))
+    if unknown:
+        raise MeshError(f"cluster description has axis_links for {unknown}, not axes of its mesh {list(axis_names)}")
+    return tuple((a, Link(**d[a])) for a in axis_names if a in d)
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
