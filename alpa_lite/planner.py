@@ -22,7 +22,7 @@ from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout
 from alpa_lite.errors import MeshError, PlanningError
 from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op import IntraOpProblem, build_problem
+from alpa_lite.intra_op import IntraOpProblem, build_problem, peak_memory
 from alpa_lite.plan_result import Plan, PlanCost, PredictedCollective, SolverInfo, StageInfo
 from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
@@ -178,6 +178,12 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                 note = (f"ILP not optimal within {time_limit_s:g} s (its best: {sol.objective * 1e3:.4g} ms); "
                         f"the {name} layout is cheaper and is used")
                 iop, sol = b_iop, b_sol
+            else:
+                note = (f"ILP not proven optimal within {time_limit_s:g} s (gap {sol.gap:.1%}); "
+                        f"its plan is cheaper than every baseline layout")
+    if sol.wall_clock_stop:
+        note += ("; " if note else "") + ("the solver was stopped by the wall clock, not its deterministic "
+                                          "limit: another run may give another plan (raise time_limit_s)")
     timings["ilp_solve_s"] = sol.wall_s
     donate = tuple(tied_args) if donate_argnums is None else tuple(donate_argnums)
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
@@ -286,11 +292,12 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
             comm += cost
         else:
             resh += cost
-    cost = PlanCost(float(compute), float(comm), float(resh), float(sol.peak_memory))
+    peak = peak_memory(iop, sol.choice)  # every resharded copy charged exactly (intra_op)
+    cost = PlanCost(float(compute), float(comm), float(resh), peak)
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
                         sol.num_variables, sol.num_constraints, note)
     stage = StageInfo((0, max(g.num_layers - 1, 0)), tuple(cluster.mesh_shape),
-                      tuple(range(cluster.num_devices)), cost.total_s, sol.peak_memory)
+                      tuple(range(cluster.num_devices)), cost.total_s, peak)
     warnings = tuple(f"no sharding rule for {p}: left to XLA, costed as replicated"
                      for p in sg.missing_rules)
     return Plan(method=method, mesh_shape=tuple(cluster.mesh_shape),

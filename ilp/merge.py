@@ -1,6 +1,9 @@
 """Follower merging: fold an op that only follows one operand into that operand (as Alpa does).
 
-A node u is a follower of v when u has at least one in-edge, every in-edge of u comes from v,
+A node u is a follower of v when the caller's follow map says so (``alpa_lite.follow``: u lays
+out v's value as v does, in every strategy of v; u may read other nodes too, whose edges are
+then remapped to v: R'_wv[k, i] = R_wu[k, j(i)]), or, without a follow map, when u has at least
+one in-edge, every in-edge of u comes from v,
 u has no more strategies than v, every strategy of v can be followed at zero resharding cost,
 no edge goes u -> v (it would become a self-loop) and no in-edge v -> u points backwards
 (v > u: a tie such as a step output feeding the next step's input, not a follower). Merging u
@@ -51,16 +54,20 @@ def _sources(red: Reduced, index: _Index, u: int) -> set[int]:
 def _leader_of(red: Reduced, index: _Index, u: int, follow: Follow | None) -> int | None:
     """The node u follows, or None when u is not a follower."""
     sources = _sources(red, index, u)
+    if follow is not None:
+        # The caller says which strategy of u *is* each strategy of v (same layout): Alpa's
+        # meaning of "follow". Merge only when every strategy of v has one; u's other sources
+        # then reshard to v's layout along their (remapped) edges.
+        f = follow.get(u)
+        if f is None or f[0] not in sources or not bool(np.all(f[1] >= 0)):
+            return None
+        v = f[0]
+        return None if v > u or any(red.edges[k][1] == v for k in index.outs[u]) else v
     if len(sources) != 1:
         return None
     (v,) = sources
     if v > u or any(red.edges[k][1] == v for k in index.outs[u]):
         return None
-    if follow is not None:
-        # The caller says which strategy of u *is* each strategy of v (same layout): Alpa's
-        # meaning of "follow". Merge only when every strategy of v has one.
-        f = follow.get(u)
-        return v if f is not None and f[0] == v and bool(np.all(f[1] >= 0)) else None
     # Without that knowledge: u has no more strategies than v and, whatever v picks, u can
     # follow it at zero resharding cost.
     if red.costs[u].size > red.costs[v].size:
@@ -73,12 +80,16 @@ def _leader_of(red: Reduced, index: _Index, u: int, follow: Follow | None) -> in
 
 def _merge(red: Reduced, index: _Index, u: int, v: int, follow: Follow | None) -> None:
     """Fold follower u into v (formulas in the module docstring)."""
-    for k in [k for k in index.ins[u] if red.edges[k][0] != v]:  # constants: a fixed cost row
-        src, _, matrix = red.edges.pop(k)
+    for k in [k for k in index.ins[u] if red.edges[k][0] != v]:
+        src, _, matrix = red.edges[k]
+        if red.costs[src].size > 1:
+            continue  # another source: remapped below, once j is known
+        del red.edges[k]  # constants: a fixed cost row
         red.costs[u] = red.costs[u] + matrix[0]
         index.outs[src].discard(k)
         index.ins[u].discard(k)
-    reshard = sum(red.edges[k][2] for k in index.ins[u])
+    own = [k for k in index.ins[u] if red.edges[k][0] == v]
+    reshard = sum(red.edges[k][2] for k in own)
     if follow is not None:
         j = np.asarray(follow[u][1], dtype=np.int64)
     else:
@@ -86,9 +97,13 @@ def _merge(red: Reduced, index: _Index, u: int, v: int, follow: Follow | None) -
         j = np.argmin(np.where(reshard == 0, red.costs[u][None, :], np.inf) + reshard, axis=1)
     total = red.costs[u][None, :] + reshard
     red.costs[v] = red.costs[v] + total[np.arange(j.size), j]
-    for k in index.ins[u]:
+    for k in own:
         del red.edges[k]
         index.outs[v].discard(k)
+    for k in [k for k in index.ins[u] if k not in own]:  # w -> u becomes w -> v
+        w, _, matrix = red.edges[k]
+        red.edges[k] = (w, v, matrix[:, j])
+        index.ins[v].add(k)
     for k in index.outs[u]:
         _, w, matrix = red.edges[k]
         red.edges[k] = (v, w, matrix[j])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ortools.sat.python import cp_model
 
-from ilp.reduced import Reduced, Simplified
+from ilp.reduced import Simplified
 
 # Largest finite single cost term after scaling: well inside int64 and precise to 1e-9 of it.
 _TERM_UNITS = 1e9
@@ -35,6 +35,7 @@ class Model:
     offset: float = 0.0
     peak: cp_model.IntVar | None = None
     memory_unit: float = 1.0
+    wall_clock_stop: bool = False  # set by the solver: the wall clock ended the search
 
     @property
     def num_variables(self) -> int:
@@ -61,6 +62,34 @@ def memory_unit(rows: list[dict[int, np.ndarray]]) -> float:
     """Bytes per memory unit: 1 (exact for whole bytes) unless a live set could pass 2^50."""
     largest = max((sum(float(m.max()) for m in row.values()) for row in rows), default=0.0)
     return 1.0 if largest <= _MAX_TOTAL_UNITS else largest / 2.0**40
+
+
+def binding_rows(rows: list[dict[int, np.ndarray]], costs: dict[int, np.ndarray],
+                 budget: float | None) -> list[dict[int, np.ndarray]]:
+    """The rows that can pass ``budget`` (bytes) when every node keeps its largest allowed
+    strategy; the others can never bind. No budget: none bind."""
+    if budget is None or not math.isfinite(budget):
+        return []
+    allowed = {v: np.isfinite(c) for v, c in costs.items()}
+    return [r for r in rows if sum(float(m[allowed[v]].max(initial=0.0)) for v, m in r.items()) > budget]
+
+
+def fold_rows(rows: list[dict[int, np.ndarray]], kept: dict[int, np.ndarray],
+              costs: dict[int, np.ndarray]) -> list[dict[int, np.ndarray]] | None:
+    """Rows over the ``kept`` nodes only: an eliminated node's bytes (equal for all its allowed
+    strategies, ``ilp.eliminate``) are added to a kept node of its row. None when a row has no
+    kept node: ``rows`` are binding rows, so its fixed bytes pass the budget (infeasible)."""
+    out = []
+    for row in rows:
+        fixed = sum(float(m[np.isfinite(costs[v])][0]) for v, m in row.items()
+                    if v not in kept and np.isfinite(costs[v]).any())
+        new = {v: m for v, m in row.items() if v in kept}
+        if not new:
+            return None
+        first = min(new)
+        new[first] = new[first] + fixed
+        out.append(new)
+    return out
 
 
 def integer_rows(
@@ -154,15 +183,15 @@ def add_cost_objective(model: Model, simple: Simplified) -> None:
     model.cp.minimize(cp_model.LinearExpr.weighted_sum(variables, weights))
 
 
-def build_cost_model(red: Reduced, simple: Simplified, budget: float | None) -> Model:
-    """The planning model: strategies, edges, memory limits, cost objective."""
+def build_cost_model(simple: Simplified, rows: list[dict[int, np.ndarray]], budget: float | None) -> Model:
+    """The planning model: strategies, edges, memory limits (``rows``: per live set, node →
+    bytes per strategy, as ``Reduced.memory_rows`` gives them), cost objective."""
     model = Model(scale=cost_scale(simple), offset=simple.offset)
     allowed = {v: np.isfinite(c) for v, c in simple.costs.items()}
     add_strategy_vars(model, simple.costs)
     for (a, b), matrix in simple.edges.items():
         add_edge_vars(model, a, b, matrix)
     if budget is not None and math.isfinite(budget):
-        rows = red.memory_rows()
         model.memory_unit = memory_unit(rows)
         budget_units = math.floor(budget / model.memory_unit)
         add_memory_limits(
@@ -172,14 +201,13 @@ def build_cost_model(red: Reduced, simple: Simplified, budget: float | None) -> 
     return model
 
 
-def build_peak_model(red: Reduced, simple: Simplified) -> Model:
+def build_peak_model(simple: Simplified, rows: list[dict[int, np.ndarray]]) -> Model:
     """The same choices and forbidden pairs, minimising the peak memory P instead of cost."""
     model = Model(scale=0.0)
     allowed = {v: np.isfinite(c) for v, c in simple.costs.items()}
     add_strategy_vars(model, simple.costs)
     for (a, b), matrix in simple.edges.items():
         add_edge_vars(model, a, b, matrix)
-    rows = red.memory_rows()
     model.memory_unit = memory_unit(rows)
     add_peak_memory(model, integer_rows(rows, allowed, model.memory_unit, None))
     model.cp.minimize(model.peak)

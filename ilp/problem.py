@@ -88,11 +88,21 @@ class IlpProblem:
         return self.names[v] if self.names else f"node {v}"
 
 
+# Deterministic work units per wall-clock second allowed by default. Measured with ortools 9.15
+# on this project's 2-core machine: CP-SAT's deterministic time ran at 0.4 to 1.0 units per
+# second on planning models (lower with other work on the machine), so half the wall limit
+# is usually reached first.
+DETERMINISTIC_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class IlpOptions:
     """How to solve. ``num_workers=1`` with a fixed seed makes CP-SAT deterministic when it
-    finishes within its limits; ``deterministic_time`` (CP-SAT's ``max_deterministic_time``)
-    bounds the search reproducibly, unlike the wall-clock ``time_limit_s``."""
+    finishes within its limits; ``deterministic_time`` (CP-SAT's ``max_deterministic_time``, in
+    its own work units, of the order of seconds) bounds the search reproducibly, unlike the
+    wall-clock ``time_limit_s``. Left None it is ``DETERMINISTIC_SHARE × time_limit_s``, so that
+    on a machine not overloaded the deterministic limit stops a long search first and the same
+    input gives the same plan; ``IlpSolution.wall_clock_stop`` says when the wall clock did."""
 
     time_limit_s: float = 30.0
     num_workers: int = 1
@@ -100,10 +110,19 @@ class IlpOptions:
     merge_followers: bool = True
     deterministic_time: float | None = None
     log_progress: bool = False
+    # Leaf elimination and dead-end pruning (``ilp.eliminate``): exact, off only to see the
+    # whole model (tests of its size).
+    eliminate: bool = True
+    # Identical layers solved once (``ilp.symmetry``): refinement rounds (0: never tie), and the
+    # smallest model (leader nodes after merging) worth it; small models solve exactly anyway.
+    tie_rounds: int = 2
+    tie_min_nodes: int = 300
 
     def __post_init__(self) -> None:
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")
+        if self.deterministic_time is not None and not self.deterministic_time > 0:
+            raise ValueError(f"deterministic_time must be positive, got {self.deterministic_time}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
 
@@ -122,6 +141,10 @@ class IlpSolution:
     num_variables: int
     num_constraints: int
     peak_memory: float
+    leaders: int = 0  # nodes after follower merging
+    model_nodes: int = 0  # nodes left after leaf elimination (``ilp.eliminate``)
+    tied_classes: int | None = None  # nodes of the tied model (``ilp.symmetry``); None: untied
+    wall_clock_stop: bool = False  # stopped by time_limit_s before the deterministic limit
 
 
 def validate(problem: IlpProblem) -> None:

@@ -40,11 +40,13 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from alpa_lite.errors import InfeasibleError, PlanningError
+from ilp.eliminate import Eliminated, dead_ends, eliminate_leaves
 from ilp.greedy import add_hint, greedy_choice
 from ilp.merge import merge_followers
-from ilp.model import Model, build_cost_model, build_peak_model
-from ilp.problem import IlpOptions, IlpProblem, IlpSolution, evaluate
+from ilp.model import Model, binding_rows, build_cost_model, build_peak_model, fold_rows
+from ilp.problem import DETERMINISTIC_SHARE, IlpOptions, IlpProblem, IlpSolution, evaluate
 from ilp.reduced import Reduced, Simplified, simplify
+from ilp.symmetry import Tied, tie
 
 logger = logging.getLogger("alpa_lite.ilp")
 
@@ -73,7 +75,7 @@ def solve(problem: IlpProblem, options: IlpOptions = IlpOptions()) -> IlpSolutio
         result = _plan(problem, options, False, start)
     if result is None:
         raise _infeasible(problem, options)
-    choice, status, bound, model = result
+    choice, status, bound, model, sizes = result
     objective, peak = evaluate(problem, choice)
     gap = 0.0 if status == "OPTIMAL" else _gap(objective, bound)
     wall = time.perf_counter() - start
@@ -88,17 +90,68 @@ def solve(problem: IlpProblem, options: IlpOptions = IlpOptions()) -> IlpSolutio
         num_variables=model.num_variables,
         num_constraints=model.num_constraints,
         peak_memory=peak,
+        leaders=sizes[0],
+        model_nodes=sizes[1],
+        tied_classes=sizes[2],
+        wall_clock_stop=model.wall_clock_stop,
     )
 
 
 def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
-    """Solve once; ``(choice, status, bound, model)``, or None when the model is infeasible."""
+    """Solve once; ``(choice, status, bound, model, sizes)``, or None when the model is infeasible.
+
+    The model CP-SAT sees: followers merged (``ilp.merge``), parallel edges added up
+    (``ilp.reduced.simplify``), leaves that memory cannot constrain folded into their neighbour
+    and dominated strategies forbidden (``ilp.eliminate``, both exact), and, with
+    ``options.tie_rounds``, identical layers tied (``ilp.symmetry``) when that shrinks the model
+    by a quarter or more; if no tied plan fits, the untied model is solved. ``sizes``: (leaders,
+    nodes after elimination, tied classes or None)."""
     red, simple = _reduce(problem, merged)
+    budget = problem.memory_budget
+    rows = red.memory_rows() if budget is not None and math.isfinite(budget) else []
+    rows = binding_rows(rows, simple.costs, budget)
+    elim = eliminate_leaves(simple, rows) if options.eliminate else Eliminated(simple, ())
+    rows = fold_rows(rows, elim.simple.costs, simple.costs)
+    if rows is None or not math.isfinite(elim.simple.offset):
+        return None  # a memory row of fixed bytes passes the budget, or a leaf has no allowed pair
+    sizes = [len(simple.costs), len(elim.simple.costs), None]
+    logger.info("eliminated %d leaves: %d nodes left", len(elim.steps), len(elim.simple.costs))
+    pruned = dead_ends(elim.simple, rows) if options.eliminate else elim.simple
+    tied = _tied(pruned, rows, options)
+    if tied is not None:
+        found = _search(tied.simple, tied.rows, budget, options, start)
+        if found is not None:
+            class_choice, status, bound, model = found
+            sizes[2] = tied.num_classes
+            return red.expand(elim.expand(tied.expand(class_choice))), status, bound, model, sizes
+        logger.info("no plan with identical layers tied fits; solving the untied model")
+    found = _search(pruned, rows, budget, options, start)
+    if found is None:
+        return None
+    choice, status, bound, model = found
+    return red.expand(elim.expand(choice)), status, bound, model, sizes
+
+
+def _tied(simple: Simplified, rows: list, options: IlpOptions) -> Tied | None:
+    """The tied problem when it is worth solving instead (a quarter fewer nodes or better)."""
+    if not options.tie_rounds or len(simple.costs) < options.tie_min_nodes:
+        return None
     tick = time.perf_counter()
-    model = build_cost_model(red, simple, problem.memory_budget)
-    add_hint(model, simple, greedy_choice(simple))
+    tied = tie(simple, rows, options.tie_rounds)
+    logger.info("tied %d leaders into %d classes in %.3f s", len(simple.costs), tied.num_classes,
+                time.perf_counter() - tick)
+    return tied if tied.num_classes <= 0.75 * len(simple.costs) else None
+
+
+def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOptions, start: float):
+    """CP-SAT on one (possibly tied) model: ``(choice per node, status, bound, model)``, None when
+    infeasible; NoSolutionError when the limits pass with no plan."""
+    tick = time.perf_counter()
+    model = build_cost_model(simple, rows, budget)
+    hint = greedy_choice(simple)
+    add_hint(model, simple, hint)
     logger.info(
-        "built model in %.3f s: %d leaders, %d edge blocks, %d variables, %d constraints",
+        "built model in %.3f s: %d nodes, %d edge blocks, %d variables, %d constraints",
         time.perf_counter() - tick,
         len(simple.costs),
         len(simple.edges),
@@ -109,17 +162,44 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
     solver, status = _run(model, options, remaining)
     if status == cp_model.INFEASIBLE:
         return None
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and _fits(simple, rows, budget, hint):
+        # Out of time before CP-SAT even took its hint (presolve of a large model on a busy
+        # machine): the greedy plan is a plan, and better than none.
+        logger.warning("CP-SAT found no plan within its limits; using the greedy starting plan")
+        model.wall_clock_stop = solver.deterministic_time < 0.99 * deterministic_limit(options)
+        return hint, "FEASIBLE", -math.inf, model
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        limits = f"time_limit_s={options.time_limit_s:g}"
-        if options.deterministic_time is not None:
-            limits += f", deterministic_time={options.deterministic_time:g}"
+        limits = f"time_limit_s={options.time_limit_s:g}, deterministic_time={deterministic_limit(options):g}"
         raise NoSolutionError(
             f"CP-SAT found no plan within its limits ({limits}; status "
             f"{solver.status_name(status)}): raise them, or fall back to a baseline plan"
         )
-    choice = red.expand(_leader_choice(solver, model))
     bound = solver.best_objective_bound / model.scale + model.offset
-    return choice, solver.status_name(status), bound, model
+    # Stopped short of the optimum before the deterministic limit: the wall clock stopped it,
+    # and another run may stop elsewhere (logged, and reported in IlpSolution.wall_clock_stop).
+    if status != cp_model.OPTIMAL and solver.deterministic_time < 0.99 * deterministic_limit(options):
+        model.wall_clock_stop = True
+        logger.warning("CP-SAT stopped by the wall-clock limit (%.3g s) after %.3g deterministic units of %.3g: "
+                       "the plan may differ between runs", options.time_limit_s, solver.deterministic_time,
+                       deterministic_limit(options))
+    return _leader_choice(solver, model), solver.status_name(status), bound, model
+
+
+def _fits(simple: Simplified, rows: list, budget: float | None, choice: dict[int, int]) -> bool:
+    """Whether a choice has finite cost and fits the budget in every (binding) memory row."""
+    if not all(np.isfinite(c[choice[v]]) for v, c in simple.costs.items()):
+        return False
+    if not all(np.isfinite(m[choice[a], choice[b]]) for (a, b), m in simple.edges.items()):
+        return False
+    limit = math.inf if budget is None else budget
+    return all(sum(float(m[choice[v]]) for v, m in row.items()) <= limit for row in rows)
+
+
+def deterministic_limit(options: IlpOptions) -> float:
+    """CP-SAT's ``max_deterministic_time`` for these options (``IlpOptions`` docstring)."""
+    if options.deterministic_time is not None:
+        return options.deterministic_time
+    return DETERMINISTIC_SHARE * options.time_limit_s
 
 
 def _reduce(problem: IlpProblem, merged: bool) -> tuple[Reduced, Simplified]:
@@ -153,8 +233,7 @@ def _run(model: Model, options: IlpOptions, time_limit_s: float):
     # probing (5 s).
     params.linearization_level = 2
     params.cp_model_probing_level = 0
-    if options.deterministic_time is not None:
-        params.max_deterministic_time = options.deterministic_time
+    params.max_deterministic_time = deterministic_limit(options)
     if options.log_progress:
         params.log_search_progress = True
         params.log_to_stdout = False
@@ -229,7 +308,7 @@ def _memory_lower_bound(problem: IlpProblem) -> float:
 def _infeasible(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
     """An InfeasibleError saying the budget and the smallest memory any plan needs."""
     red, simple = _reduce(problem, False)
-    model = build_peak_model(red, simple)
+    model = build_peak_model(simple, red.memory_rows())
     limit = min(_PEAK_SOLVE_LIMIT_S, options.time_limit_s)
     solver, status = _run(model, options, limit)
     budget = _budget(problem)

@@ -7,19 +7,21 @@ import jax.numpy as jnp
 import pytest
 
 import alpa_lite as al
+from alpa_lite.baselines import BASELINES
 from alpa_lite.errors import SignatureError
 from examples.mlp import make_example
 from tests.helpers import assert_steps_equal, fresh, make_mesh
 
 
-def test_ilp_timeout_falls_back_to_best_baseline_and_says_so():
+def test_ilp_timeout_gives_a_plan_no_worse_than_any_baseline_and_says_so():
     fn, args = make_example(batch=32, hidden=512, layers=6)
     mesh = make_mesh((2, 4))
     plan = al.plan(fn, *args, mesh=mesh, time_limit_s=0.01)
-    assert plan.solver.note.startswith("ILP timed out: fell back to the ")
-    baseline = plan.solver.note.rsplit(" ", 2)[-2]
-    ref = al.plan(fn, *args, mesh=mesh, method=baseline)
-    assert plan.cost.total_s == pytest.approx(ref.cost.total_s, rel=1e-9)
+    # the note says the ILP was cut short, and which plan is used (its own, or a baseline's)
+    assert "within 0.01 s" in plan.solver.note or plan.solver.note.startswith("ILP timed out")
+    for method in BASELINES:
+        ref = al.plan(fn, *args, mesh=mesh, method=method)
+        assert plan.cost.total_s <= ref.cost.total_s * (1 + 1e-9), method
     assert_steps_equal(plan.compile(fn), fn, args, n_state=2, atol=1e-4)
 
 
