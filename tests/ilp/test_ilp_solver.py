@@ -386,3 +386,23 @@ def test_brute_force_refuses_large_problems():
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def test_search_stopped_by_the_deterministic_limit_gives_the_same_plan_every_time():
+    """#8: a search cut short by CP-SAT's deterministic limit (not the wall clock) is repeatable."""
+    options = IlpOptions(time_limit_s=120, deterministic_time=0.3)
+    hard = replace(hard_problem(n=300), memory_budget=None)
+    first = solve(hard, options)
+    assert first.status == "FEASIBLE" and not first.wall_clock_stop  # stopped short, by the limit
+    again = solve(hard, options)
+    assert again.choice == first.choice and again.objective == first.objective
+
+
+def test_default_deterministic_limit_is_a_share_of_the_wall_clock_limit():
+    from ilp.problem import DETERMINISTIC_SHARE
+    from ilp.solver import deterministic_limit
+
+    assert deterministic_limit(IlpOptions(time_limit_s=10)) == pytest.approx(10 * DETERMINISTIC_SHARE)
+    assert deterministic_limit(IlpOptions(time_limit_s=10, deterministic_time=2)) == 2
+    with pytest.raises(ValueError, match="deterministic_time"):
+        IlpOptions(deterministic_time=0)
