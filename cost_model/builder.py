@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.errors import ShardingError
@@ -33,9 +34,19 @@ class StrategyGraph:
 
 
 def build_strategies(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
+    """Every op's strategies. Ops alike (same primitive, parameters, operand and result types,
+    FLOPs and number of readers: the same op in every copy of a repeated layer) share one list,
+    generated once, so a 96-layer model costs about what one layer does."""
     strategies, unconstrained, missing = [], set(), []
+    memo: dict[Any, tuple[list[Strategy], bool]] = {}
     for op in graph.ops:
-        strats, ok = _op_strategies(graph, op, cluster)
+        key = _signature(graph, op)
+        if key is None:
+            strats, ok = _op_strategies(graph, op, cluster)
+        else:
+            if key not in memo:
+                memo[key] = _op_strategies(graph, op, cluster)
+            strats, ok = memo[key]
         if not ok:
             unconstrained.add(op.index)
             if op.primitive is not None and str(op.primitive) not in missing:
@@ -43,6 +54,19 @@ def build_strategies(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
         strategies.append(tuple(_apply_fixed(graph, op, strats, cluster)))
     return StrategyGraph(graph, cluster, tuple(strategies), frozenset(unconstrained),
                          tuple(missing))
+
+
+def _signature(graph: OpGraph, op: Op) -> Any:
+    """What an op's strategies depend on, hashable; None when a parameter is not (sub-jaxprs)."""
+    readers = len(graph.consumers[op.outputs[0]]) + (op.outputs[0] in graph.outputs) if op.outputs else 0
+    key = (op.kind, op.primitive, tuple(graph.tensors[t] for t in op.operands),
+           tuple(graph.tensors[t] for t in op.outputs), op.flops, readers > 1,
+           tuple(sorted(op.params.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _op_strategies(graph: OpGraph, op: Op, cluster: ClusterSpec) -> tuple[list[Strategy], bool]:
