@@ -24,6 +24,7 @@ from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout
 from alpa_lite.graph import Op, OpGraph
 from alpa_lite.intra_op import build_problem
+from alpa_lite.pipeline_collectives import LayerCollectives, layer_collectives
 from alpa_lite.pipeline_program import Layer
 from alpa_lite.plan_result import VIEW_AXES
 from alpa_lite.specs import ShardingSpec
@@ -32,7 +33,6 @@ from cost_model.builder import build_strategies
 from ilp import IlpOptions, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.pipeline")
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +54,12 @@ class LayerGraph:
     @property
     def grad_tensors(self) -> tuple[int, ...]:
         return self.graph.outputs[self.num_outputs:]
+
+    @property
+    def weight_residuals(self) -> list[int]:
+        """Input positions of the weights the backward half reads (passed to it again)."""
+        in_pos = {t: k for k, t in enumerate(self.graph.inputs[:self.num_inputs])}
+        return [in_pos[t] for t in self.residuals if t in in_pos and in_pos[t] in self.weight_inputs]
 
 
 def layer_graph(layer: Layer, weights: frozenset[Any]) -> LayerGraph:
@@ -95,10 +101,17 @@ class LayerSolution:
     peak_bytes: float  # per device, the ILP's peak for one forward+backward
     status: str
     wall_s: float
+    collectives: LayerCollectives = LayerCollectives()  # by program; deferred gradient reductions
 
     @property
     def time_s(self) -> float:
+        """Forward+backward of one microbatch as the ILP costs it (every reduction in it)."""
         return self.compute_s + self.communication_s + self.resharding_s
+
+    @property
+    def microbatch_s(self) -> float:
+        """Forward+backward of one microbatch as it runs: deferred reductions left out."""
+        return self.time_s - self.collectives.deferred_s
 
 
 def view_cluster(cluster: ClusterSpec, view: tuple[int, int]) -> ClusterSpec:
@@ -161,10 +174,11 @@ def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, 
             local[t] = g.tensors[t].nbytes / max(_split(s, sizes), 1)
     weights = [g.inputs[k] for k in lg.weight_inputs]
     resid = sum(local.get(t, g.tensors[t].nbytes) for t in lg.residuals if t not in weights)
+    lc = layer_collectives(layer, lg, p.layouts, p.output_specs, p.collectives, cluster, sizes)
     return LayerSolution(tuple(view), p.layouts, p.input_specs, p.output_specs, p.cost.compute_s,
                          p.cost.communication_s, p.cost.resharding_s,
                          float(sum(local[t] for t in weights)), float(resid),
-                         float(p.cost.peak_memory_bytes), sol.status, sol.wall_s)
+                         float(p.cost.peak_memory_bytes), sol.status, sol.wall_s, lc)
 
 
 def _split(spec: ShardingSpec, sizes: dict[str, int]) -> int:

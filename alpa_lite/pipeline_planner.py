@@ -11,9 +11,13 @@
    with ``num_stages=None`` the one-stage plan (``al.plan(..., num_stages=1)``) is a candidate
    too and wins ties, so the chosen plan is never predicted slower than it.
 
-What the runtime does shapes what is charged: gradients of data-parallel weights are reduced per
-microbatch inside each stage's backward (XLA reduces at the dot that makes them), so that
-all-reduce is in t_i; u_i is the optimizer update on the stage's weights (and their state).
+What the runtime does shapes what is charged: a weight gradient the layer plan makes as a
+partial sum (data-parallel weights) is accumulated unreduced and reduced once per step
+(``pipeline_accum``), so that all-reduce is in u_i, not t_i; any other gradient reduction stays
+in t_i. u_i is that gradient sync plus the optimizer update on the stage's weights (and their
+state). The layer ILP itself still charges every reduction per microbatch (it knows no B), so it
+may under-use data parallelism a little. The plan lists its predicted collectives per stage and
+program (``pipeline_collectives``), which ``plan.check`` compares with the compiled stages.
 Activations crossing a stage boundary are charged to t_i at the cross-host link when the
 cluster has several hosts (the DP does not know whether neighbours share a host).
 """
@@ -31,6 +35,7 @@ import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.pipeline_collectives import StageSpan, stage_collectives
 from alpa_lite.pipeline_layers import LayerGraph, LayerSolution, layer_graph, solve_layer, view_cluster
 from alpa_lite.pipeline_program import Layer, StepProgram, cut_layers, layer_starts, split_step, tensor_info
 from alpa_lite.plan_result import LayerPlan, PipelineInfo, Plan, PlanCost, SolverInfo, StageInfo
@@ -348,9 +353,10 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
         diff_w = _diff_weight_fraction(layers[li], graphs[sig])
         for v, view in enumerate(views):
             s = sols[(sig, view)]
-            # accumulating a microbatch's gradients reads two buffers and writes one
-            arr["t"][li, v] = s.time_s + 3 * s.weight_bytes * diff_w / hbm
-            arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm
+            # accumulating a microbatch's gradients reads two buffers and writes one; the
+            # reductions of deferred gradients run once per step (pipeline_accum), in u
+            arr["t"][li, v] = s.microbatch_s + 3 * s.weight_bytes * diff_w / hbm
+            arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm + s.collectives.sync_s
             arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
     pair = _pair_costs(layers, sigs, sols, views, st.cluster)
     fwd, bwd = _send_bytes(layers, prog)
@@ -455,7 +461,8 @@ def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Setti
     tab, dpi = c.tables, c.tables.dp_input
     shapes = [c.submeshes[s] for _, _, s in c.stages]
     devices = place_stages(shapes, st.hosts, st.per_host)
-    stages, layer_plans, parts = [], [None] * len(c.layers), []
+    stages, layer_plans, parts, spans = [], [None] * len(c.layers), [], []
+    layer_sols = [None] * len(c.layers)
     t_list = [float(dpi.compute_cost[i, j, s]) for i, j, s in c.stages]
     for p, ((i, j, s), devs) in enumerate(zip(c.stages, devices)):
         view = c.views[int(tab.view[i, j, s])]
@@ -464,9 +471,10 @@ def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Setti
         stages.append(StageInfo((i, j), c.submeshes[s], devs, t + u, tab.memory_bytes(i, j, s, held),
                                 view, t, u, held))
         for li in range(i, j + 1):
-            sol = c.sols[(c.sigs[li], view)]
+            sol = layer_sols[li] = c.sols[(c.sigs[li], view)]
             layer_plans[li] = LayerPlan(view, sol.layouts, sol.in_specs, sol.out_specs)
         parts.append(_stage_parts(c, i, j, view, t))
+        spans.append(StageSpan((i, j), view, len(devs)))
     graph = trace(fn, *args, static_argnums=st.static)
     info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
                         None if one is None else one.cost.total_s,
@@ -483,7 +491,9 @@ def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Setti
                 signature=tuple((t.shape, t.dtype) for t in (graph.tensors[i] for i in graph.inputs)),
                 input_specs=in_specs, output_specs=_output_specs(graph, in_specs, args, st, fn),
                 layouts=(), op_kinds=(), cost=_plan_cost(parts, t_list, stages, B),
-                collectives=(), solver=solver, stages=tuple(stages), static_argnums=st.static,
+                collectives=stage_collectives(c.layers, [c.graphs[sig] for sig in c.sigs], layer_sols, spans,
+                                              B, lambda v: view_cluster(st.cluster, v)),
+                solver=solver, stages=tuple(stages), static_argnums=st.static,
                 donate_argnums=(), num_args=len(args), cluster=st.cluster.to_dict(), timings=timings,
                 pipeline=info, graph=graph, mesh=mesh)
 
@@ -493,7 +503,7 @@ def _stage_parts(c: Candidate, i: int, j: int, view: tuple[int, int], t: float) 
     resharding between its layers, gradient accumulation) is split off as communication."""
     sols = [c.sols[(c.sigs[li], view)] for li in range(i, j + 1)]
     comp = sum(s.compute_s for s in sols)
-    comm = sum(s.communication_s for s in sols)
+    comm = sum(s.communication_s - s.collectives.deferred_s for s in sols)
     resh = sum(s.resharding_s for s in sols)
     return comp, comm + max(t - comp - comm - resh, 0.0), resh
 

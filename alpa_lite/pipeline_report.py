@@ -28,11 +28,15 @@ def pipeline_summary(plan: Any) -> str:
         lines.append(f"  best one-stage plan: {_s(p.one_stage_s)} "
                      f"({p.one_stage_s / p.step_s:.2f}× the pipeline)")
     lines.append(f"  {'stage':<6}{'layers':<10}{'sub-mesh':<10}{'view dp×tp':<12}{'devices':<22}"
-                 f"{'t_i':>12}{'u_i':>12}{'memory':>12}{'in flight':>11}")
+                 f"{'t_i':>12}{'u_i':>12}{'memory':>12}{'in flight':>11}{'wire/step':>12}{'sync':>12}")
     for i, s in enumerate(plan.stages):
         layers = f"{s.layers[0]}..{s.layers[1]}"
         devs = ",".join(map(str, s.devices))
+        wire = sum(c.wire_bytes() for c in plan.collectives if c.stage == i and c.kind != "send")
+        sync = sum(c.wire_bytes() for c in plan.collectives if c.stage == i and c.phase == "sync")
         lines.append(f"  {i:<6}{layers:<10}{'×'.join(map(str, s.submesh)):<10}"
                      f"{'×'.join(map(str, s.view)):<12}{devs:<22}{_s(s.t_s):>12}{_s(s.u_s):>12}"
-                     f"{_bytes(s.memory_bytes):>12}{s.inflight:>11}")
+                     f"{_bytes(s.memory_bytes):>12}{s.inflight:>11}{_bytes(wire):>12}{_bytes(sync):>12}")
+    lines.append("  (wire/step: a device's predicted collective bytes per step, forward and backward × B; "
+                 "sync: the once-per-step gradient all-reduces among them)")
     return "\n".join(lines)

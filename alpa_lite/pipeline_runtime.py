@@ -14,6 +14,8 @@
 4. the loss is the mean of the microbatch losses (each microbatch's backward is seeded with
    1/B, so the accumulated gradients are those of that mean); an aux output with the
    microbatch as its leading dimension is concatenated, any other is averaged;
+   a gradient the plan makes as a partial sum is accumulated unreduced on each device and
+   reduced once per step before the update (``pipeline_accum``);
 5. the rest of the step (the optimizer update) runs once with the accumulated gradients, on
    each stage's own weights and optimizer state on its sub-mesh (``pipeline_update``); an
    update that mixes stages (gradient-norm clipping) runs as one program on the whole mesh.
@@ -45,10 +47,13 @@ SCHEDULES = ("gpipe", "1f1b")
 
 
 def compile_pipeline(plan: Any, fn: Callable[..., Any], mesh: Any = None,
-                     example_args: Sequence[Any] | None = None) -> PipelineRunner:
+                     example_args: Sequence[Any] | None = None,
+                     defer_gradients: bool = True) -> PipelineRunner:
+    """``defer_gradients=False`` reduces every gradient per microbatch, as XLA does at the op
+    that makes it (the plan's costs and collectives assume the once-per-step sync)."""
     mesh = mesh if mesh is not None else plan.mesh
     devices = _devices(plan, mesh)
-    runner = PipelineRunner(plan, fn, devices)
+    runner = PipelineRunner(plan, fn, devices, defer_gradients)
     if example_args is not None:
         runner.build(example_args)
     return runner
@@ -88,8 +93,9 @@ def schedule_order(num_stages: int, B: int, schedule: str) -> list[list[tuple[st
 class PipelineRunner:
     """A callable equal to the planned step; builds its stage programs on the first call."""
 
-    def __init__(self, plan: Any, fn: Callable[..., Any], devices: list[Any]) -> None:
+    def __init__(self, plan: Any, fn: Callable[..., Any], devices: list[Any], defer_gradients: bool = True) -> None:
         self.plan, self.fn, self.devices = plan, fn, devices
+        self.defer_gradients = defer_gradients
         self.schedule = plan.pipeline.schedule
         self.full_mesh = jax.sharding.Mesh(np.array(devices, dtype=object), ("all",),
                                            axis_types=(jax.sharding.AxisType.Auto,))
@@ -124,7 +130,8 @@ class PipelineRunner:
                 if sig not in graphs:
                     graphs[sig] = layer_graph(layer, frozenset(weights))
                 lp = info.layer_plans[layer.index]
-                halves.append(split_layer(layer, graphs[sig], lp, view_cluster(cluster, lp.view), mesh))
+                halves.append(split_layer(layer, graphs[sig], lp, view_cluster(cluster, lp.view), mesh,
+                                          self.defer_gradients))
             later = {v for lay in layers[st.layers[1] + 1:] for v in lay.inputs}
             self.stages.append(build_stage(p, halves, mesh, weights, micro, later, loss.outvars,
                                            1.0 / info.num_microbatches))
@@ -151,8 +158,7 @@ class PipelineRunner:
     def _run_pipeline(self, loss_inputs: dict[Any, Any], micro: dict[Any, list[Any]]) -> list[Any]:
         B = self.prog.num_microbatches
         weights = [[move(loss_inputs[v], sp.sharding(v)) for v in sp.weights] for sp in self.stages]
-        accums = [[jnp.zeros(v.aval.shape, v.aval.dtype, device=sp.sharding(v)) for v in sp.accums]
-                  for sp in self.stages]
+        accums = [[sp.new_accum(v) for v in sp.accums] for sp in self.stages]
         acts: dict[tuple[Any, int], Any] = {}
         cts: dict[tuple[Any, int], list[Any]] = {}
         residuals: dict[tuple[int, int], Any] = {}
@@ -233,12 +239,23 @@ class PipelineRunner:
                 outs.append(sum(parts[1:], parts[0]) / B)
         grads: dict[Any, Any] = {}
         for sp, acc in zip(self.stages, accums):
-            for v, a in zip(sp.accums, acc):
+            for v, a in zip(sp.accums, self._reduce(sp, acc)):
                 grads[v] = a if v not in grads else grads[v] + move(a, grads[v].sharding)
         for v, d in zip(loss_prog.invars, loss_prog.diff_invars):
             if d:
                 outs.append(grads[v] if v in grads else jnp.zeros(v.aval.shape, v.aval.dtype))
         return outs
+
+    def _reduce(self, sp: StageProgram, accums: list[Any]) -> list[Any]:
+        """The stage's gradients: stacked accumulators summed (the once-per-step sync)."""
+        if not sp.stacked:
+            return accums
+        pos = {v: k for k, v in enumerate(sp.accums)}
+        stacked = [accums[pos[v]] for v in sp.stacked]
+        out = list(accums)
+        for v, g in zip(sp.stacked, sp.reduce(stacked)):
+            out[pos[v]] = g
+        return out
 
     def _run_pre(self, env: dict[Any, Any]) -> None:
         """The step's equations before the loss, as one jitted program on the whole mesh."""

@@ -1,4 +1,4 @@
-"""One pipeline stage as two jitted programs on its own sub-mesh: forward and backward.
+"""One pipeline stage as jitted programs on its own sub-mesh: forward, backward, gradient sync.
 
 A stage runs layers i..j. Its forward replays, layer after layer, the forward half of each
 layer's planned forward+backward graph (``emit.make_body`` with the layer's layouts) and returns
@@ -10,6 +10,10 @@ constrained to the spec the next layer's plan wants (the resharding the stage co
 Inputs of the forward: the stage's weights (loss inputs that are not split, held once per step),
 its microbatch data (loss inputs that are split) and activations from earlier stages. The
 backward reads the weights again rather than holding them per microbatch.
+
+A weight gradient the layer plan makes as a partial sum comes out of the backward as a stacked
+partial (``pipeline_accum``) and its accumulator stays unreduced; ``reduce`` sums the stacked
+accumulators once per step (the gradient sync).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from jax.sharding import NamedSharding
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout, make_body
 from alpa_lite.graph import OpGraph
+from alpa_lite.pipeline_accum import (
+    Deferral,
+    find_deferrals,
+    reduce_stacked,
+    stacked_accumulators,
+    stacked_grad,
+    stacked_spec,
+)
 from alpa_lite.pipeline_layers import LayerGraph, parameter_op
 from alpa_lite.pipeline_program import Layer
 from alpa_lite.plan_result import VIEW_AXES, LayerPlan
@@ -44,15 +56,16 @@ class LayerHalves:
     bwd: Any  # fn(*weight residuals, *other residuals, *cotangents) -> [gradients...]
     weight_res: list[int]  # layer input positions of the weights the backward reads
     num_res: int  # residuals the forward returns
+    deferred: dict[int, Deferral] = field(default_factory=dict)  # by backward output: stacked partials
 
 
-def split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterSpec, mesh: Any) -> LayerHalves:
+def split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterSpec, mesh: Any,
+                defer: bool = True) -> LayerHalves:
     g = lg.graph
     if len(plan.layouts) != len(g.ops):
         raise ValueError(f"layer {layer.index}: the plan has {len(plan.layouts)} ops, the traced layer "
                          f"{len(g.ops)}: the function changed since planning")
-    in_pos = {t: k for k, t in enumerate(g.inputs[:lg.num_inputs])}
-    weight_res = [in_pos[t] for t in lg.residuals if t in in_pos and in_pos[t] in lg.weight_inputs]
+    weight_res = lg.weight_residuals
     wt = {g.inputs[k] for k in weight_res}
     other = [t for t in lg.residuals if t not in wt]
     fwd_ops = [g.ops[v] for v in lg.fwd_ops]
@@ -61,9 +74,11 @@ def split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterS
     outs = tuple(g.outputs[:lg.num_outputs]) + tuple(other)
     fwd_graph = OpGraph(g.tensors, tuple(fwd_ops), g.inputs[:lg.num_inputs], outs)
     fwd = make_body(fwd_graph, fwd_lay, [*plan.out_specs[:lg.num_outputs], *res_specs], cluster, mesh)
+    deferred = find_deferrals(layer.diff_in, lg, plan.layouts, plan.out_specs, dict(mesh.shape)) if defer else {}
     bwd = _bwd_body(lg, plan, [g.inputs[k] for k in weight_res] + other,
-                    [plan.in_specs[k] for k in weight_res] + res_specs, cluster, mesh)
-    return LayerHalves(layer, plan, fwd, bwd, weight_res, len(other))
+                    [plan.in_specs[k] for k in weight_res] + res_specs, cluster, mesh, deferred)
+    return LayerHalves(layer, plan, fwd, bwd, weight_res, len(other),
+                       {pos - lg.num_outputs: d for pos, d in deferred.items()})
 
 
 def _residual_spec(lg: LayerGraph, plan: LayerPlan, t: int) -> ShardingSpec | None:
@@ -77,9 +92,11 @@ def _residual_spec(lg: LayerGraph, plan: LayerPlan, t: int) -> ShardingSpec | No
 
 
 def _bwd_body(lg: LayerGraph, plan: LayerPlan, res: list[int], res_specs: list[ShardingSpec | None],
-              cluster: ClusterSpec, mesh: Any) -> Any:
-    """The backward half, reading residuals then cotangents as its flat inputs."""
+              cluster: ClusterSpec, mesh: Any, deferred: dict[int, Deferral]) -> Any:
+    """The backward half, reading residuals then cotangents as its flat inputs, returning the
+    gradients (a deferred one as its stacked partial, ``pipeline_accum``)."""
     g = lg.graph
+    skip = {v for d in deferred.values() for v in (d.producer, *d.chain)}
     ops, lays = [], []
     n_ops = len(g.ops)
     for k, (t, spec) in enumerate(zip(res, res_specs)):
@@ -94,12 +111,32 @@ def _bwd_body(lg: LayerGraph, plan: LayerPlan, res: list[int], res_specs: list[S
             lays.append(plan.layouts[op.index])
     for v in lg.bwd_ops:
         op = g.ops[v]
+        if v in skip:
+            continue
         if v in ct_param:
             op = parameter_op(len(res) + ct_param[v], op.outputs[0], v)
         ops.append(op)
         lays.append(plan.layouts[v])
-    graph = OpGraph(g.tensors, tuple(ops), (), g.outputs[lg.num_outputs:])
-    return make_body(graph, lays, plan.out_specs[lg.num_outputs:], cluster, mesh)
+    n_out = len(g.outputs)
+    kept = [p for p in range(lg.num_outputs, n_out) if p not in deferred]
+    extra = [(t, s) for d in deferred.values()
+             for t, s in zip(g.ops[d.producer].operands, plan.layouts[d.producer].ins)]
+    outs = tuple(g.outputs[p] for p in kept) + tuple(t for t, _ in extra)
+    graph = OpGraph(g.tensors, tuple(ops), (), outs)
+    body = make_body(graph, lays, [plan.out_specs[p] for p in kept] + [s for _, s in extra], cluster, mesh)
+    if not deferred:
+        return body
+
+    def bwd(*flat: Any) -> list[Any]:
+        vals = body(*flat)
+        got = dict(zip(kept, vals))
+        rest = iter(vals[len(kept):])
+        for p, d in deferred.items():
+            operands = [next(rest) for _ in g.ops[d.producer].operands]
+            got[p] = stacked_grad(d, g, plan.layouts, operands, mesh)
+        return [got[p] for p in range(lg.num_outputs, n_out)]
+
+    return bwd
 
 
 @dataclass(eq=False)
@@ -117,13 +154,31 @@ class StageProgram:
     ct_out: list[Var]  # differentiable acts_in: their gradients go back
     accums: list[Var]  # differentiated weights: gradient accumulators
     specs: dict[Var, ShardingSpec] = field(default_factory=dict)  # where inputs arrive
+    stacked: dict[Var, tuple[str, ...]] = field(default_factory=dict)  # accumulators kept unreduced
     seed: float = 0.0  # cotangent of the loss, when this stage computes it (1/B)
     loss_var: Any = None
     fwd: Any = None
     bwd: Any = None
+    reduce: Any = None  # stacked accumulators → gradients, once per step
 
     def sharding(self, var: Var) -> NamedSharding:
         return NamedSharding(self.mesh, self.specs[var].to_partition_spec())
+
+    def accum_spec(self, var: Var) -> ShardingSpec:
+        axes = self.stacked.get(var)
+        return self.specs[var] if axes is None else stacked_spec(axes, self.specs[var])
+
+    def accum_struct(self, var: Var) -> jax.ShapeDtypeStruct:
+        """An accumulator: the gradient's shape, or (|A|, *shape) when kept unreduced."""
+        axes = self.stacked.get(var, ())
+        sizes = dict(self.mesh.shape)
+        lead = (int(np.prod([sizes[a] for a in axes])),) if axes else ()
+        sharding = NamedSharding(self.mesh, self.accum_spec(var).to_partition_spec())
+        return jax.ShapeDtypeStruct((*lead, *var.aval.shape), var.aval.dtype, sharding=sharding)
+
+    def new_accum(self, var: Var) -> Any:
+        a = self.accum_struct(var)
+        return jnp.zeros(a.shape, a.dtype, device=a.sharding)
 
 
 def move(x: Any, target: NamedSharding) -> Any:
@@ -157,11 +212,31 @@ def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[V
     for h in halves:
         for k, v in enumerate(h.layer.inputs):
             sp.specs.setdefault(v, h.plan.in_specs[k])
+    sp.stacked = _stacked_accums(halves, sp.accums)
     if loss_outvars and loss_outvars[0] in made:
         sp.loss_var, sp.seed = loss_outvars[0], seed
     sp.fwd = jax.jit(_forward(sp))
     sp.bwd = jax.jit(_backward(sp), donate_argnums=(3,))
+    sp.reduce = jax.jit(_reduce(sp))
     return sp
+
+
+def _stacked_accums(halves: list[LayerHalves], accums: list[Var]) -> dict[Var, tuple[str, ...]]:
+    """Accumulators kept as stacked partials (``pipeline_accum.stacked_accumulators``)."""
+    contributions = []
+    for h in halves:
+        din = [k for k, d in enumerate(h.layer.diff_in) if d]
+        contributions += [(h.layer.inputs[k], h.deferred[j].axes if j in h.deferred else None)
+                          for j, k in enumerate(din) if h.layer.inputs[k] in accums]
+    return stacked_accumulators(contributions)
+
+
+def _reduce(sp: StageProgram) -> Any:
+    """The once-per-step gradient sync: each stacked accumulator summed into its weight's spec."""
+    def reduce(stacked: list[Any]) -> list[Any]:
+        return [reduce_stacked(a, sp.specs[v], sp.mesh) for v, a in zip(sp.stacked, stacked)]
+
+    return reduce
 
 
 def _constrain(mesh: Any, x: Any, spec: ShardingSpec | None) -> Any:
@@ -201,13 +276,15 @@ def _backward(sp: StageProgram) -> Any:
                                 h.plan.in_specs[n_in + j]) for j, k in enumerate(douts)]
             wres = [_constrain(sp.mesh, w[lay.inputs[k]], h.plan.in_specs[k]) for k in h.weight_res]
             gs = h.bwd(*wres, *res, *cts_l)
-            for k, g in zip((k for k, d in enumerate(lay.diff_in) if d), gs):
+            for j, (k, g) in enumerate(zip((k for k, d in enumerate(lay.diff_in) if d), gs)):
                 v = lay.inputs[k]
+                if j in h.deferred and v not in sp.stacked:  # a reduced accumulator: reduce it now
+                    g = reduce_stacked(g, h.plan.out_specs[len(lay.outputs) + j], sp.mesh)
                 if v in w:
                     grads[v] = _add(grads.get(v), g)
                 else:
                     ct[v] = _add(ct.get(v), g)
-        new = [_constrain(sp.mesh, a + grads[v] if v in grads else a, sp.specs[v])
+        new = [_constrain(sp.mesh, a + grads[v] if v in grads else a, sp.accum_spec(v))
                for v, a in zip(sp.accums, accums)]
         return new, [_or_zeros(ct.get(v), v) for v in sp.ct_out]
 

@@ -38,16 +38,26 @@ class PlanCost:
 
 @dataclass(frozen=True)
 class PredictedCollective:
+    """A collective the plan predicts. In a pipeline: the ``stage`` running it, its ``phase``
+    ("fwd" or "bwd" per microbatch, "sync" once per step, "send": a ``device_put`` of
+    ``nbytes`` to another stage, 1/``group_size`` of it per device) and ``runs`` per step;
+    ``wire_bytes`` counts every run."""
+
     kind: str
     axes: tuple[str, ...]
     nbytes: float
     group_size: int
     where: str
+    stage: int = -1
+    phase: str = ""
+    runs: int = 1
 
     def wire_bytes(self) -> float:
         from cost_model.strategy import Collective
 
-        return Collective(self.kind, self.axes, self.nbytes, self.group_size).wire_bytes()
+        if self.kind == "send":
+            return self.runs * self.nbytes / max(self.group_size, 1)
+        return self.runs * Collective(self.kind, self.axes, self.nbytes, self.group_size).wire_bytes()
 
 
 @dataclass(frozen=True)
@@ -237,9 +247,10 @@ class Plan:
 
     def check(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Compile here and compare predicted with compiled collectives, FLOPs and memory."""
-        if self.pipeline is not None:
-            raise PlanningError("plan.check compares one compiled program; a pipeline is several: run "
-                                "it, then PipelineRunner.compiled_memory() gives each stage's compiled memory")
+        if self.pipeline is not None:  # per stage: its forward, backward, gradient sync and update
+            from alpa_lite.pipeline_check import check_pipeline
+
+            return check_pipeline(self, fn, *args)
         from alpa_lite.check import check_plan
 
         return check_plan(self, fn, *args)
@@ -280,7 +291,7 @@ class Plan:
                         for lay in self.layouts],
             "op_kinds": list(self.op_kinds),
             "cost": {**self.cost.__dict__, "total_s": self.cost.total_s},
-            "collectives": [{**c.__dict__, "axes": list(c.axes)} for c in self.collectives],
+            "collectives": [_collective_dict(c) for c in self.collectives],
             "solver": dict(self.solver.__dict__),
             "stages": [{"layers": list(s.layers), "submesh": list(s.submesh),
                         "devices": list(s.devices), "cost_s": s.cost_s,
@@ -349,7 +360,9 @@ class Plan:
                           float(cost["resharding_s"]), float(cost["peak_memory_bytes"])),
             collectives=tuple(PredictedCollective(str(c["kind"]), tuple(c["axes"]),
                                                   float(c["nbytes"]), int(c["group_size"]),
-                                                  str(c["where"])) for c in d["collectives"]),
+                                                  str(c["where"]), int(c.get("stage", -1)),
+                                                  str(c.get("phase", "")), int(c.get("runs", 1)))
+                              for c in d["collectives"]),
             solver=SolverInfo(**d["solver"]),
             stages=tuple(StageInfo(tuple(s["layers"]), tuple(s["submesh"]), tuple(s["devices"]),
                                    float(s["cost_s"]), float(s["memory_bytes"]),
@@ -367,6 +380,15 @@ class Plan:
     def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:
         return replace(self, graph=graph if graph is not None else self.graph,
                        mesh=mesh if mesh is not None else self.mesh)
+
+
+def _collective_dict(c: PredictedCollective) -> dict[str, Any]:
+    """A collective as JSON; the pipeline fields only when set (one-stage plans as before)."""
+    d = {**c.__dict__, "axes": list(c.axes)}
+    if c.stage < 0 and not c.phase and c.runs == 1:
+        for k in ("stage", "phase", "runs"):
+            d.pop(k)
+    return d
 
 
 def _signature_diff(want: Sequence[Any], got: Sequence[Any]) -> str:

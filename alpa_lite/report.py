@@ -156,7 +156,7 @@ def collective_totals(plan: Any) -> dict[str, tuple[int, float]]:
     out: dict[str, tuple[int, float]] = {}
     for c in plan.collectives:
         n, wb = out.get(c.kind, (0, 0.0))
-        out[c.kind] = (n + 1, wb + c.wire_bytes())
+        out[c.kind] = (n + getattr(c, "runs", 1), wb + c.wire_bytes())  # a pipeline's: runs per step
     return out
 
 
@@ -442,12 +442,27 @@ def check_renderable(report: Any, plan: Any) -> Group:
               "" if flops is None else f"{flops:,.0f}", f"{report.compiled.flops:,.0f}",
               "" if flops is None else _rel_text(flops, report.compiled.flops, report.tolerance))
     parts: list[RenderableType] = [t]
+    if getattr(report, "stages", None):  # a pipeline: each stage's programs against its prediction
+        parts.append(_stage_check_table(report))
     if report.flagged:
         parts += [Text(f"! {f}", style="bold red") for f in report.flagged]
     else:
         parts.append(Text(f"✓ compiled collectives match the prediction (within {report.tolerance:.0%}); "
                           "no XLA warnings", style="green"))
     return Group(*parts)
+
+
+def _stage_check_table(report: Any) -> Table:
+    t = _table("Per stage, per device per step (forward and backward × microbatches, sync and update once)",
+               "stage", "devices", "predicted", "compiled", "difference", "transfers", "memory",
+               right=("predicted", "compiled", "difference", "transfers", "memory"))
+    for s in report.stages:
+        t.add_row(str(s.stage), _device_range(s.devices), fmt_bytes(s.predicted_wire_bytes),
+                  fmt_bytes(s.compiled_wire_bytes),
+                  _rel_text(s.predicted_wire_bytes, s.compiled_wire_bytes, report.tolerance),
+                  f"{fmt_bytes(s.predicted_send_bytes)} / {fmt_bytes(s.moved_send_bytes)}",
+                  f"{fmt_bytes(s.predicted_memory_bytes)} / {fmt_bytes(s.compiled_memory_bytes)}")
+    return t
 
 
 def _rel(pred: float, got: float) -> str:
