@@ -16,6 +16,7 @@ from __future__ import annotations
 
 # ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,12 @@ def run(smallest: bool = False, only: list[str] | None = None, cluster_file: str
         repeats: int | None = None) -> dict:
     cluster, launch_s = calibrated_spec(cluster_file, smallest)
     repeats = repeats or (3 if smallest else 5)
-    records = [measure(name, fn, args, mesh_name, mesh, m, cluster, repeats)
-               for name, fn, args, mesh_name, mesh in common.cases(smallest, only)
-               for m in common.methods_for(mesh)]
+    records = []
+    for name, fn, args, mesh_name, mesh in common.cases(smallest, only):
+        for m in common.methods_for(mesh):
+            t0 = time.perf_counter()
+            records.append(measure(name, fn, args, mesh_name, mesh, m, cluster, repeats))
+            print(f"[fidelity] {name} {mesh_name} {m}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     max_wire, max_mem = _bytes_table(records)
     worst = _time_table(records, cluster, launch_s)
     return dict(rows=records, max_wire_error=max_wire, max_memory_error=max_mem,
