@@ -156,10 +156,11 @@ def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, 
 
     sg = build_strategies(lg.graph, cluster)
     iop = build_problem(sg, _ties(layer, lg), None)
-    # A wall-clock limit: a plan found within it may differ between runs (and processes of a
-    # multi-host job: plan on one and share the plan, README "Pipelines").
+    # The limit is CP-SAT's deterministic time, so that the same layer gets the same plan in
+    # every run and every process of a multi-host job; the wall clock (5x, for a loaded
+    # machine) is only a safety net, and the solver warns when it is the one that stops.
     try:
-        sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+        sol = solve(iop.problem, IlpOptions(time_limit_s=5 * time_limit_s, deterministic_time=time_limit_s))
     except NoSolutionError:
         log.warning("layer %d on view %s: no ILP solution within %.3g s; view not used",
                     layer.index, view, time_limit_s)

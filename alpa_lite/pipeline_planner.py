@@ -48,7 +48,7 @@ from dp_stages.stage_count import stage_dp_count
 
 log = logging.getLogger("alpa_lite.pipeline")
 
-# Per-layer ILP limit (CP-SAT deterministic time, about seconds): a layer is one block's
+# Per-layer ILP limit (CP-SAT deterministic time, about seconds; the wall clock gets 5x): a layer is one block's
 # forward+backward; on a 1-D view CP-SAT proves most optimal in well under a second, on a 2-D
 # view it may stop at a feasible plan (a worse one than another view's is simply not used).
 LAYER_TIME_LIMIT_S = 2.0

@@ -7,6 +7,7 @@ on a 2-D mesh does not finish within a test's time on 2 cores (it falls back to 
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -68,15 +69,22 @@ def test_chosen_plan_never_slower_than_one_stage(num_microbatches):
 
 @pytest.mark.slow
 def test_slow_link_on_the_2d_mesh():
-    """As above on the 2×4 mesh: the one-stage ILP runs to its time limit (or its baseline
-    fallback); the pipeline still wins."""
+    """As above on the 2×4 mesh, where the one-stage ILP sees the host axis: it can keep the
+    slow link idle by computing the model on both hosts (tensor parallel inside each) and is
+    then predicted faster than the pipelines the per-layer plans compose (25 against 37-44 ms
+    when written): the choice is never above the one-stage plan, and not a pipeline whose
+    stages cross the slow link."""
     fn, args = deep_gpt()
     cluster = H100.scaled(inter_beta=H100.inter_host.beta / 100)
     mesh = jax.sharding.AbstractMesh((2, 4), ("host", "gpu"))
     plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_microbatches=4, time_limit_s=30)
     print(plan.summary())
-    assert plan.pipeline is not None
-    assert plan.pipeline.one_stage_s is None or plan.cost.total_s < plan.pipeline.one_stage_s
+    one = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=1, time_limit_s=30)
+    assert plan.cost.total_s <= one.cost.total_s * (1 + 1e-9)
+    # whatever is chosen sends next to nothing over the slow link: not one full copy of the weights
+    weights = sum(math.prod(shape) * 2 for shape, _ in plan.signature[:-2])
+    host_bytes = sum(c.nbytes for c in plan.collectives if "host" in c.axes)
+    assert host_bytes < weights / 100
 
 
 @pytest.mark.slow
