@@ -11,7 +11,10 @@ seen from outside:
   taking its slice's spec with the leading layer dim replicated;
 - compute and communication: the body's (its ops, its collectives, its resharding) times the
   trip count; its collectives are listed once per iteration;
-- memory: the scan's results (stacked outputs live in full) in their specs.
+- memory: the scan's results (stacked outputs live in full) in their specs; and while the loop
+  runs, the body's temporaries (``Strategy.scratch_bytes``): the peak of one iteration's
+  solution without the body's inputs (the loop state, counted outside as the scan's operands
+  and results), resharded copies inside the body included (``intra_op.peak_memory``).
 
 Candidates (``body_plans``): the body solved with its largest carry fixed to each spec it can
 take (the layout that flows from layer to layer), plus the unconstrained optimum.
@@ -46,7 +49,7 @@ from jax import lax
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.graph import Op, OpGraph, TensorInfo
-from alpa_lite.intra_op import IntraOpProblem, build_problem
+from alpa_lite.intra_op import IntraOpProblem, build_problem, peak_memory
 from alpa_lite.specs import ShardingSpec, enumerate_specs
 from alpa_lite.tracer import _Builder, _walk
 from cost_model.builder import StrategyGraph, build_strategies
@@ -205,18 +208,20 @@ def _part_plan(iop: IntraOpProblem, sol: IlpSolution, part: _Part, out_override:
             moved.add((ref.tensor, dst))
             colls.extend(reshard(chosen[ref.src_op].out_specs[ref.out_index], dst, g.tensors[ref.tensor],
                                  sg.cluster)[1])
-    return _body_plan(part, layouts, ins, tuple(outs), compute, comm, colls)
+    scratch = peak_memory(iop, sol.choice, ops=mine, inputs=False)
+    return _body_plan(part, layouts, ins, tuple(outs), compute, comm, colls, scratch)
 
 
 def _body_plan(part: _Part, layouts: tuple[Any, ...], ins: tuple[ShardingSpec, ...],
                outs: tuple[ShardingSpec, ...], compute: float, comm: float,
-               colls: Sequence[Collective]) -> BodyPlan:
+               colls: Sequence[Collective], scratch: float) -> BodyPlan:
     key, L = part.key, part.key.length
     strategy = Strategy(
         name=f"scan×{L}({', '.join(str(s) for s in ins[key.num_consts:key.whole_inputs])})",
         out_specs=tuple(s if j < key.num_carry else _stacked(s) for j, s in enumerate(outs)),
         in_specs=tuple(s if k < key.whole_inputs else _stacked(s) for k, s in enumerate(ins)),
-        compute_s=L * compute, comm_s=L * comm, memory_bytes=0.0, collectives=tuple(colls) * L)
+        compute_s=L * compute, comm_s=L * comm, memory_bytes=0.0, collectives=tuple(colls) * L,
+        scratch_bytes=scratch)
     return BodyPlan(part.graph, layouts, ins, outs, strategy)
 
 

@@ -18,17 +18,36 @@ and the CPU backend's ``CpuInstructionFusion::ShouldFuse``, xla/service):
   XLA's ``IsExpensive``) has exactly one reader, an element-wise op or a reduction: XLA does not
   duplicate expensive producers, nor fuse them into readers that reuse each element (broadcast).
 
+An operand a reader takes in another spec than its producer gave is a *copy*: the collective's
+result is a buffer of its own (``copy_bytes``), alive until the reader has run. Gathering a
+dimension that is not the major-most one of the result may need one more buffer of that size
+for a moment: collectives move contiguous pieces, so XLA gathers into a layout with that
+dimension major. A computed value can be produced in that layout to begin with, and a
+transpose reading the gathered value absorbs it; but a function input has the row-major
+layout of its argument, and a reader other than a transpose gets the gathered value copied
+back to row-major (seen on jax 0.10.2, 8 host devices: ZeRO-3's all-gather of a ``[64, 1024/8]``
+weight along dim 1 for a dot is ``f32[64,1024]{0,1} all-gather`` then a ``{1,0}`` copy, both
+full size; a data-parallel gradient gathered along dim 1 for a transpose is gathered along
+dim 0 of the dot's transposed result, no copy).
+
 This is a model, not XLA's buffer assignment: fusions XLA forms across these rules
 (multi-output fusion, dots with fused epilogues on GPU) and buffers it shares are not seen.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 from jax import lax
 from jax.extend.core import primitives as P
 
-from alpa_lite.graph import OpGraph
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.graph import OpGraph, TensorInfo
 from alpa_lite.hlo_names import ELEMENTWISE
+from alpa_lite.specs import ShardingSpec
+from cost_model.context import wire_itemsize
+from cost_model.resharding import reshard_path
 
 _SHAPE_LOOP = frozenset({P.broadcast_in_dim_p, P.reshape_p, P.squeeze_p, P.transpose_p, P.iota_p,
                          P.slice_p, P.pad_p, P.concatenate_p, P.rev_p, P.dynamic_slice_p})
@@ -58,28 +77,115 @@ def materialised(graph: OpGraph) -> frozenset[int]:
         elif op.primitive in _EXPENSIVE and (len(readers) > 1 or prims[0] in _SHAPE_LOOP):
             keep.add(op.index)
     # A reduction takes one element-wise producer into its kernel; what that producer reads is
-    # materialised (XLA CPU, jax 0.10.2: reductions are YNNPACK fusions of depth one).
+    # materialised (XLA CPU, jax 0.10.2: reductions are YNNPACK fusions of depth one), except a
+    # splat (a scalar broadcast, an iota): XLA folds it into the kernel (seen: the zeros of a ReLU
+    # gradient's select, read by a batch-norm gradient's sum, take no buffer).
     for op in graph.ops:
         if op.primitive not in _REDUCTIONS:
             continue
         for t in op.operands:
             src = graph.producer[t]
             if src not in keep:
-                keep.update(graph.producer[u] for u in graph.ops[src].operands)
+                keep.update(v for v in (graph.producer[u] for u in graph.ops[src].operands)
+                            if not _is_splat(graph, v))
     return frozenset(keep)
 
 
-def live_until(graph: OpGraph, kept: frozenset[int]) -> tuple[int, ...]:
+def _is_splat(graph: OpGraph, v: int) -> bool:
+    """An op computed from scalars alone (a broadcast of a scalar, an iota): free to recompute."""
+    op = graph.ops[v]
+    return (op.primitive in _SHAPE_LOOP and op.kind != "parameter"
+            and all(graph.tensors[t].size <= 1 for t in op.operands))
+
+
+def live_until(graph: OpGraph, kept: frozenset[int], written: frozenset[int] = frozenset()) -> tuple[int, ...]:
     """Per op: the program point after which its outputs are dead (-1: no outputs).
 
-    An unmaterialised op is recomputed by each reader's fusion, so its operands stay alive
-    until its own last reader (swept in reverse program order, so chains of fused ops pass it on).
+    An output is alive until its last reader has run: a materialised reader runs at its own
+    point; an unmaterialised one is recomputed by each of its readers' fusions, so it runs
+    (reads its operands) until its own last reader (swept in reverse program order, so chains
+    of fused ops pass it on). A function output lives to the end.
+
+    An op in ``written`` makes only outputs written straight into donated input buffers (carried
+    state, e.g. an optimizer's update of one parameter): its readers read that buffer, and XLA's
+    memory-minimising scheduler runs its fusion as soon as its inputs are ready (seen: a
+    data-parallel step updates each weight right after its gradient is made, not after all
+    gradients as the program lists them), so it runs at the point its last materialised input
+    is made, not at the end of the program where its outputs are returned.
     """
-    until = [max((graph.last_use[t] for t in op.outputs), default=-1) for op in graph.ops]
+    ready: list[int] = []  # the point after which an op could run (-1: inputs, constants)
+    for op in graph.ops:
+        srcs = [graph.producer[t] for t in op.operands]
+        ready.append(-1 if not srcs else op.index if op.index in kept else max(ready[v] for v in srcs))
+    end, outputs = len(graph.ops), set(graph.outputs)
+    until = [-1] * end
     for op in reversed(graph.ops):
-        if op.index in kept:
+        if not op.outputs:
             continue
-        for t in op.operands:
-            src = graph.producer[t]
-            until[src] = max(until[src], until[op.index])
+        if op.index in written:
+            until[op.index] = ready[op.index]
+            continue
+        ends = [end for t in op.outputs if t in outputs] + [op.index if op.index in kept else ready[op.index]]
+        ends += [r if r in kept else until[r] for t in op.outputs for r in graph.consumers[t]]
+        until[op.index] = max(ends)
     return tuple(until)
+
+
+def loop_fusible(primitive: object) -> bool:
+    """Element-wise arithmetic and layout ops (``_LOOP_FUSIBLE``): what XLA fuses into loops."""
+    return primitive in _LOOP_FUSIBLE
+
+
+def fuses_operands(primitive: object) -> bool:
+    """Whether a reader takes a fused producer (a local slice) into its kernel (``_FUSING``)."""
+    return primitive in _FUSING
+
+
+def absorbs_layout(primitive: object) -> bool:
+    """Whether a reader takes its operand in any layout (a transpose: XLA makes it a bitcast)."""
+    return primitive is P.transpose_p
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def copy_bytes(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo, cluster: ClusterSpec,
+               fused_reader: bool, fixed_layout: bool) -> tuple[float, float]:
+    """Per-device bytes of the copy a reader wanting ``dst`` reads when the producer gives
+    ``src``, and of the transient layout copy made on the way when the value's layout is fixed
+    (``fixed_layout``: a function input read by other than a transpose; module docstring).
+
+    Nothing when the specs are equal, or for a partial sum reduced in place (one all-reduce to
+    the producer's own layout: XLA reuses the buffer); a free local slice is fused into a reader
+    that takes fused producers (``fused_reader``) and is a buffer of its own otherwise.
+
+    A backend without 16-bit float arithmetic (``wire_itemsize``: XLA's CPU backend) computes
+    and communicates a bf16/f16 value in f32: a reader that takes buffers (a dot, a loop) reads
+    an f32 copy even in the producer's own spec, and a collective's result is f32 (seen on jax
+    0.10.2, 8 host devices: a scan-over-layers step in bf16 converts each stacked bf16 input of
+    its backward loop to an f32 stack before the loop)."""
+    itemsize = wire_itemsize(tensor, cluster)
+    upcast = itemsize != tensor.itemsize and not fused_reader
+    sizes = cluster.axis_sizes
+    if src == dst:
+        return (_local_bytes(tensor, dst, sizes, itemsize) if upcast else 0.0), 0.0
+    steps = reshard_path(src, dst, tensor, cluster)
+    colls = [s.collective for s in steps if s.collective is not None]
+    if not colls and fused_reader:
+        return 0.0, 0.0
+    if [c.kind for c in colls] == ["all-reduce"] and dst == src.without_partial() and not upcast:
+        return 0.0, 0.0
+    if not colls and not upcast:
+        itemsize = tensor.itemsize  # a local slice keeps the dtype
+    out = _local_bytes(tensor, dst, sizes, itemsize)
+    transient, before = 0.0, src
+    for step in steps:
+        if fixed_layout and step.collective is not None and step.collective.kind == "all-gather":
+            local = step.spec.local_shape(tensor.shape, sizes)
+            gathered = [d for d in range(tensor.rank) if len(step.spec.dims[d]) < len(before.dims[d])]
+            if any(n > 1 for n in local[:min(gathered, default=0)]):
+                transient = max(transient, _local_bytes(tensor, step.spec, sizes, itemsize))
+        before = step.spec
+    return out, transient
+
+
+def _local_bytes(t: TensorInfo, spec: ShardingSpec, sizes: dict[str, int], itemsize: int) -> float:
+    return float(math.prod(spec.local_shape(t.shape, sizes)) * itemsize)

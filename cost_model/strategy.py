@@ -2,8 +2,9 @@
 
 A ``Strategy`` is one way to run an op: the spec of its output (possibly a partial sum, reduced
 on the out-edge), the spec each operand must arrive in (never partial), and its costs: compute
-seconds (roofline), seconds of the collectives the strategy itself needs, and the per-device
-bytes of the output it keeps alive.
+seconds (roofline), seconds of the collectives the strategy itself needs, the per-device
+bytes of the output it keeps alive, and the bytes it needs only while it runs (``scratch_bytes``:
+a loop's body temporaries).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Strategy:
     comm_s: float = 0.0
     memory_bytes: float = 0.0
     collectives: tuple[Collective, ...] = field(default=())
+    scratch_bytes: float = 0.0
 
     @property
     def out_spec(self) -> ShardingSpec:
