@@ -94,13 +94,17 @@ def eliminate_leaves(simple: Simplified, rows: list[dict[int, np.ndarray]]) -> E
 
 def _memory_order(rows: list[dict[int, np.ndarray]], nodes) -> dict[int, np.ndarray]:
     """Per node in a binding row: ``no_less[i, j]`` = strategy i uses at least j's bytes in every
-    row (so pruning i for j never raises memory). Nodes in no row are absent (no constraint)."""
-    order: dict[int, np.ndarray] = {}
+    row (so pruning i for j never raises memory). Nodes in no row are absent (no constraint).
+    A node's distinct byte vectors are compared once (rows repeat them)."""
+    vectors: dict[int, dict[bytes, np.ndarray]] = {}
     for row in rows:
         for v, m in row.items():
             if v in nodes:
-                ge = m[:, None] >= m[None, :]
-                order[v] = order[v] & ge if v in order else ge
+                vectors.setdefault(v, {}).setdefault(m.tobytes(), m)
+    order: dict[int, np.ndarray] = {}
+    for v, distinct in vectors.items():
+        stacked = np.stack(list(distinct.values()))  # [vectors, strategies]
+        order[v] = np.all(stacked[:, :, None] >= stacked[:, None, :], axis=0)
     return order
 
 

@@ -71,7 +71,15 @@ def binding_rows(rows: list[dict[int, np.ndarray]], costs: dict[int, np.ndarray]
     if budget is None or not math.isfinite(budget):
         return []
     allowed = {v: np.isfinite(c) for v, c in costs.items()}
-    return [r for r in rows if sum(float(m[allowed[v]].max(initial=0.0)) for v, m in r.items()) > budget]
+    top: dict[tuple[int, int], float] = {}  # rows share their arrays: each maximum once
+
+    def most(v: int, m: np.ndarray) -> float:
+        key = (v, id(m))
+        if key not in top:
+            top[key] = float(m[allowed[v]].max(initial=0.0))
+        return top[key]
+
+    return [r for r in rows if sum(most(v, m) for v, m in r.items()) > budget]
 
 
 def fold_rows(rows: list[dict[int, np.ndarray]], kept: dict[int, np.ndarray],

@@ -59,15 +59,21 @@ class Reduced:
         leader, maps = self.leader_maps()
         return tuple(int(m[leader_choice[v]]) for v, m in zip(leader, maps, strict=True))
 
-    def memory_rows(self) -> list[dict[int, np.ndarray]]:
-        """Per live set t, leader L -> bytes per strategy of L: Σ_{o in t, led by L} m_o[map_o]."""
+    def memory_rows(self, budget: float | None = None) -> list[dict[int, np.ndarray]]:
+        """Per live set t, leader L -> bytes per strategy of L: Σ_{o in t, led by L} m_o[map_o].
+        With a ``budget``, only the live sets that could pass it (Σ_o max m_o > budget)."""
         leader, maps = self.leader_maps()
         rows = []
+        top = [float(m.max(initial=0.0)) for m in self.memory]
+        moved: list[np.ndarray | None] = [None] * len(self.memory)
         for live in self.live_sets:
+            if budget is not None and sum(top[o] for o in set(live)) <= budget:
+                continue
             row: dict[int, np.ndarray] = {}
             for o in sorted(set(live)):
-                moved = self.memory[o][maps[o]]
-                row[leader[o]] = row[leader[o]] + moved if leader[o] in row else moved
+                if moved[o] is None:  # o's bytes per strategy of its leader, computed once
+                    moved[o] = self.memory[o][maps[o]]
+                row[leader[o]] = row[leader[o]] + moved[o] if leader[o] in row else moved[o]
             rows.append(row)
         return rows
 

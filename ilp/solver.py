@@ -108,7 +108,7 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
     nodes after elimination, tied classes or None)."""
     red, simple = _reduce(problem, merged)
     budget = problem.memory_budget
-    rows = red.memory_rows() if budget is not None and math.isfinite(budget) else []
+    rows = red.memory_rows(budget) if budget is not None and math.isfinite(budget) else []
     rows = binding_rows(rows, simple.costs, budget)
     elim = eliminate_leaves(simple, rows) if options.eliminate else Eliminated(simple, ())
     rows = fold_rows(rows, elim.simple.costs, simple.costs)
@@ -116,15 +116,17 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
         return None  # a memory row of fixed bytes passes the budget, or a leaf has no allowed pair
     sizes = [len(simple.costs), len(elim.simple.costs), None]
     logger.info("eliminated %d leaves: %d nodes left", len(elim.steps), len(elim.simple.costs))
-    pruned = dead_ends(elim.simple, rows) if options.eliminate else elim.simple
-    tied = _tied(pruned, rows, options)
+    tied = _tied(elim.simple, rows, options)
     if tied is not None:
-        found = _search(tied.simple, tied.rows, budget, options, start)
+        # dead ends pruned on the tied model: exact for it, and far smaller than the untied one
+        pruned_tied = dead_ends(tied.simple, tied.rows) if options.eliminate else tied.simple
+        found = _search(pruned_tied, tied.rows, budget, options, start)
         if found is not None:
             class_choice, status, bound, model = found
             sizes[2] = tied.num_classes
             return red.expand(elim.expand(tied.expand(class_choice))), status, bound, model, sizes
         logger.info("no plan with identical layers tied fits; solving the untied model")
+    pruned = dead_ends(elim.simple, rows) if options.eliminate else elim.simple
     found = _search(pruned, rows, budget, options, start)
     if found is None:
         return None
