@@ -69,9 +69,12 @@ def _weight_order(graph: OpGraph, state_inputs: Sequence[int]) -> list[int]:
 def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
                          axis_names: Sequence[str], state_inputs: Sequence[int],
                          batch_inputs: Sequence[int],
-                         state_groups: Mapping[int, int]) -> dict[int, ShardingSpec]:
+                         state_groups: Mapping[int, int],
+                         unsplit: list[str] | None = None) -> dict[int, ShardingSpec]:
     """Flat input position → spec. ``state_groups`` maps an optimizer-state input to the
-    parameter input it mirrors (same tree path and shape), which shares its layout."""
+    parameter input it mirrors (same tree path and shape), which shares its layout. Inputs the
+    strategy would split but no dimension of which divides by the mesh axes stay replicated;
+    ``unsplit``, when given, receives one message for each."""
     if method not in BASELINES:
         raise PlanningError(f"unknown method {method!r}; choose 'auto' or one of {BASELINES}")
     axes = [a for a in axis_names if sizes[a] > 1]
@@ -95,6 +98,14 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
             specs[i] = _split_dim(t, t.rank - 1 if k % 2 == 0 else 0, tp_axes, sizes)
         else:
             specs[i] = ShardingSpec.replicated(t.rank)
+    if unsplit is not None:
+        wanted = [i for i in batch_inputs if dp_axes] + [
+            i for i in state_inputs
+            if method == "zero3" or (tp_axes and graph.inputs[state_groups.get(i, i)] in order)]
+        unsplit.extend(
+            f"{method}: input {i} {tensors[graph.inputs[i]].dtype}{list(tensors[graph.inputs[i]].shape)} "
+            f"does not divide where {method} splits it (mesh axes {dict(sizes)}): left replicated"
+            for i in wanted if tensors[graph.inputs[i]].rank and not specs[i].axes_used())
     return specs
 
 

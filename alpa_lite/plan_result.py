@@ -318,6 +318,9 @@ class Plan:
             raise PlanFileError(f"plan file is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(d, dict) or "version" not in d:
             raise PlanFileError("plan file has no 'version' field: not an alpa-lite plan")
+        if not isinstance(d["version"], int) or isinstance(d["version"], bool):
+            raise PlanFileError(f"plan file's 'version' is {d['version']!r} ({type(d['version']).__name__}), "
+                                f"not an integer: this alpa-lite writes and reads version {PLAN_VERSION}")
         if d["version"] != PLAN_VERSION:
             raise PlanFileError(f"plan file has version {d['version']}, this alpa-lite reads "
                                 f"version {PLAN_VERSION}: plan again with this version")

@@ -149,10 +149,13 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     timings["strategies_s"] = time.perf_counter() - t1
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     masks = None
+    unsplit: list[str] = []
     if method != "auto":
         state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
         specs = baseline_input_specs(method, graph, cluster.axis_sizes, cluster.axis_names,
-                                     state, batch, _state_groups(args, static, tied_args or [0]))
+                                     state, batch, _state_groups(args, static, tied_args or [0]), unsplit)
+        for message in unsplit:
+            log.warning("%s", message)
         masks = baseline_masks(method, sgraph, specs, state)
     t2 = time.perf_counter()
     progress("ILP")
@@ -189,7 +192,8 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=static, donate=donate,
                            num_args=len(args), timings=timings, note=note)
     timings["total_s"] = time.perf_counter() - t0
-    return replace(result, static_values=tuple(repr(args[i]) for i in static))
+    return replace(result, static_values=tuple(repr(args[i]) for i in static),
+                   warnings=result.warnings + tuple(unsplit))
 
 
 def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: float, args: Sequence[Any],

@@ -310,6 +310,13 @@ def test_plan_file_from_another_version(mlp_plan):
     assert f"version {d['version']}" in str(e.value) and "plan again" in str(e.value), str(e.value)
 
 
+def test_plan_file_with_the_version_as_a_string(mlp_plan):
+    d = mlp_plan[0].to_dict()
+    d["version"] = str(d["version"])
+    with pytest.raises(PlanFileError, match=r"'version' is '\d+' \(str\), not an integer"):
+        al.Plan.from_json(json.dumps(d))
+
+
 @pytest.mark.parametrize("edit,fragment", [
     (lambda d: d.pop("signature"), "'signature'"),
     (lambda d: d["layouts"].__setitem__(0, "oops"), "corrupt"),
@@ -357,3 +364,16 @@ def test_argument_committed_to_another_sharding(mlp_plan):
     x_other = jax.device_put(x, NamedSharding(mesh, other))
     out = plan.compile(_mlp)(x_other, *fresh((w1, w2)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(_mlp(x, w1, w2)), rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_on_dimensions_no_mesh_axis_divides_says_what_stays_replicated(caplog):
+    def f(w, x):
+        return jnp.tanh(x @ w).sum()
+
+    w, x = jnp.ones((3, 5)), jnp.ones((4, 3))
+    with caplog.at_level("WARNING", logger="alpa_lite.planner"):
+        plan = al.plan(f, w, x, mesh=make_mesh((8,)), method="megatron")
+    assert plan.input_specs[0].axes_used() == ()
+    (message,) = [m for m in plan.warnings if m.startswith("megatron:")]
+    assert "float32[3, 5]" in message and "'x': 8" in message and "left replicated" in message
+    assert message in caplog.text
