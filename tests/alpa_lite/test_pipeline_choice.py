@@ -91,17 +91,21 @@ def test_slow_link_on_the_2d_mesh():
 def test_plan_24_layer_gpt_on_64_gpus():
     """GPT-3 1.3B's shape with 24 layers on 8 hosts × 8 H100s, no devices: the inter-op pass
     (tracing, 3 distinct layers × 18 views of ILPs, the DP over 24 layers × 11 sub-mesh shapes)
-    finishes in about a minute on 2 cores; prints its time and the breakdown. (``al.plan`` would
-    also plan the one-stage candidate: the ILP of the whole 6,000-op step on 64 devices, which runs
-    to its time limit and then solves the baselines: ~8 minutes more here.)"""
+    and the one-stage candidate (the ILP of the whole 6,000-op step on 64 devices, with its
+    24 copies of a block tied: ~1 minute, where it ran to its limit for ~8 minutes before)
+    finish in about two minutes on 2 cores; prints the time and the breakdown."""
     fn, args = gpt.abstract_example(gpt.large_config(24), batch=128)
     cluster = al.ClusterSpec.preset("dgx-h100", num_hosts=8)
     mesh = jax.sharding.AbstractMesh((64,), ("gpus",))
     t0 = time.perf_counter()
-    plan = plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, num_microbatches=8, compare_one_stage=False)
+    plan = plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, num_microbatches=8)
     wall = time.perf_counter() - t0
     print(f"24-layer GPT on 64 GPUs planned in {wall:.1f} s: " +
           ", ".join(f"{k} {v:.1f} s" for k, v in plan.timings.items()))
     print(plan.summary())
-    assert plan.pipeline is not None and plan.cost.total_s > 0
+    assert plan.cost.total_s > 0
     assert sorted(d for s in plan.stages for d in s.devices) == list(range(64))
+    if plan.pipeline is not None:  # a pipeline chosen: never predicted slower than one stage
+        assert plan.pipeline.one_stage_s is not None and plan.cost.total_s <= plan.pipeline.one_stage_s
+    else:
+        assert "one stage chosen" in plan.solver.note
