@@ -11,18 +11,23 @@ donated input's buffer, fused element-wise outputs not at all), plus the reshard
 operands alive there (``OperandCopy``).
 
 A copy's bytes depend on the strategies at *both* ends of its edge (none when the producer
-already gives the reader's spec), which a node's memory cannot say. The ILP therefore charges
-each copy to a *copy node* that follows its reader (one strategy per reader strategy, tied by
-a zero-cost diagonal edge and listed in ``follow``, so merging folds it into the reader and
-CP-SAT gets no new variables), alive over the copy's own program points, with the least bytes
-over the producer's allowed strategies: ``lb[j] = min_i bytes[i, j]``. That is exact when no
-allowed producer strategy gives the reader's spec j (a baseline's fixed inputs: ZeRO-3's
-gathered weights) or when every one does, and a lower bound otherwise: the budget constraint
-never rejects a plan that fits, and may pass one whose copies do not. ``peak_memory`` scores a
-full choice exactly (both ends known); the plan reports that. The exact ILP would put
-``bytes[i, j]`` on the edge variable ``e_vu[i, j]`` in the memory rows of the copy's points
-(``Σ_t``: ``Σ_v s_v·m_v + Σ_copies Σ_ij e_vu[i,j]·bytes[i,j] ≤ M``): no new variables, since
-every edge with a copy also has a resharding cost and so its pair variables already.
+already gives the reader's spec), which a node's memory cannot say. When no plan could pass the
+memory budget (every node at its largest strategy, every copy at its largest, at every program
+point: ``_can_bind``) the solver drops the memory rows anyway, and copies get no nodes: nothing
+is added to the ILP. Otherwise each copy gets a node alive over the copy's own points
+(``_copy_nodes``): a follower of its reader (one strategy per reader strategy, tied by a
+zero-cost diagonal edge and listed in ``follow``, so merging folds it in: no new CP-SAT
+variables) when its bytes do not depend on the producer's strategy (a baseline's fixed inputs:
+ZeRO-3's gathered weights), else a node whose states are the (reader class, bytes) pairs the
+copy can take, tied to both ends (``_exact_copy_nodes``): exact, at the price of variables of its
+own (on the 2x4 GPT example, 55,783 → 150,397 CP-SAT variables and 13 s → 317 s, not optimal:
+too slow to use unless the budget can bind). Transients of copies made at one point are made
+one after another; the ILP charges the one that can be largest, the plan's report the largest
+its choice makes (``peak_memory`` scores a full choice exactly; the plan reports that). The
+exact and cheap ILP puts ``bytes[i, j]`` on the edge variable ``e_vu[i, j]`` in the memory rows
+of the copy's points (``Σ_v s_v·m_v + Σ_copies Σ_ij e_vu[i,j]·bytes[i,j] ≤ M``): no new
+variables, since an edge whose copy bytes depend on both ends also has a resharding cost that
+does, and so has its pair variables already.
 """
 
 from __future__ import annotations
@@ -60,14 +65,16 @@ class OperandCopy:
 
     ``nbytes[i, j]``: bytes per device when the producer takes strategy i and the reader j;
     ``transient``: the same for the layout copy made with it (``cost_model.memory``), alive at
-    the first of ``points`` only. ``points``: program points (op indices) where it is alive, up
-    to this reader, or to the last reader of this reader's output when XLA fuses this reader
-    into them; from this reader for a computed value (XLA's memory-minimising scheduler moves
-    the collective next to its reader), from just after the previous reader (or the producer)
-    for a function input (XLA runs an input's collectives first thing, and readers of one
-    gathered weight share one copy: successive readers' points tile, so it is counted once).
-    A copy made for a computed value's last reader takes its source's place (the source dies
-    once copied): then only what it adds to the source's bytes counts.
+    the first of ``points`` only (several copies made at one point are made one after the
+    other: the largest transient counts). ``points``: program points (op indices) where it is
+    alive, up to this reader, or to the last reader of this reader's output when XLA fuses this
+    reader into them; from the point before this reader for a computed value (XLA's
+    memory-minimising scheduler moves the collective next to its reader), from just after the
+    previous reader (or the producer) for a function input (XLA runs an input's collectives
+    first thing, and readers of one gathered weight share one copy: successive readers' points
+    tile, so it is counted once). A copy made for a computed value's last reader takes its
+    source's place (the source dies once copied): both are alive while it is made (the
+    transient), then only what the copy adds to the source's bytes counts.
     ``node``: the ILP's copy node for it, -1 when its lower bound is 0 (module docstring)."""
 
     src: int
@@ -77,6 +84,18 @@ class OperandCopy:
     points: range
     node: int = -1
     transient_node: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class Held:
+    """Bytes an op needs beside its output, by its strategy, at some program points: a loop
+    body's temporaries while the loop runs, a gradient held for XLA's combined all-reduce."""
+
+    op: int
+    nbytes: np.ndarray
+    points: range
+    what: str
+    node: int = -1  # its node in the ILP (a follower of ``op``), -1 when it has none
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +111,8 @@ class IntraOpProblem:
     live_copies: tuple[tuple[int, ...], ...] = ()  # per live set: the copies alive there
     first_copies: tuple[tuple[int, ...], ...] = ()  # per live set: the copies whose transient is there
     live_starts: tuple[int, ...] = ()  # per live set: the first op (program point) it holds at
+    held: tuple[Held, ...] = ()
+    live_held: tuple[tuple[int, ...], ...] = ()  # per live set: the ``held`` alive there
 
 
 def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
@@ -139,39 +160,159 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
         memory.append(np.zeros(len(specs)))
         add_edge(t, node, specs, -1)
     names = [str(op) for op in g.ops] + [f"output{p}" for p in sink_outputs]
+    nodes = _Nodes(node_costs, memory, edges, names, follow_maps(sgraph))
     kept, until = _kept(g, ties)
-    copies = []
-    follow = follow_maps(sgraph)
-    for c in _operand_copies(sgraph, kept, until):
-        allowed = np.isfinite(node_costs[c.src])
-        nodes = []
-        for what, matrix in (("copy", c.nbytes), ("layout copy", c.transient)):
-            low = matrix[allowed].min(axis=0) if allowed.any() else np.zeros(matrix.shape[1])
-            if not low.any():
-                nodes.append(-1)
-                continue
-            nodes.append(len(node_costs))
-            names.append(f"{what} of {g.ops[c.src]} for {g.ops[c.dst]}")
-            node_costs.append(np.zeros(low.size))
-            memory.append(low)
-            follow[nodes[-1]] = (c.dst, np.arange(low.size))
-            edges.append(Edge(c.dst, nodes[-1], np.where(np.eye(low.size) > 0, 0.0, np.inf)))
-        copies.append(replace(c, node=nodes[0], transient_node=nodes[1]))
-    scratch = {}  # op → its scratch node: what the op needs only while it runs (a loop body's temporaries)
-    for op in g.ops:
-        need = np.array([s.scratch_bytes for s in strats[op.index]])
-        if need.any():
-            scratch[op.index] = len(node_costs)
-            names.append(f"scratch of {op}")
-            node_costs.append(np.zeros(need.size))
-            memory.append(need)
-            follow[scratch[op.index]] = (op.index, np.arange(need.size))
-            edges.append(Edge(op.index, scratch[op.index], np.where(np.eye(need.size) > 0, 0.0, np.inf)))
-    live, live_copies, first_copies, starts = _live_sets(g, kept, until, copies, scratch)
+    held = [Held(op.index, need, range(op.index, op.index + 1), f"scratch of {op}")
+            for op in g.ops if (need := np.array([s.scratch_bytes for s in strats[op.index]])).any()]
+    held += _combined_reductions(sgraph, until, tail)
+    copies = list(_operand_copies(sgraph, kept, until, tail))
+    sets = _live_sets(g, kept, until, copies, held)
+    if _can_bind(nodes, copies, held, sets, memory_budget):
+        held = [replace(h, node=nodes.follower(h.op, h.nbytes, h.what)) for h in held]
+        copies = _copy_nodes(g, nodes, copies)
+        sets = _live_sets(g, kept, until, copies, held)
+    live, live_copies, first_copies, starts, live_held = sets
+    follow = nodes.follow
     problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), live, memory_budget,
                          names=tuple(names), follow=follow)
     return IntraOpProblem(sgraph, problem, tuple(refs), tuple(sink_tensors), tuple(sink_outputs),
-                          tuple(sink_specs), dict(ties), tuple(copies), live_copies, first_copies, starts)
+                          tuple(sink_specs), dict(ties), tuple(copies), live_copies, first_copies, starts,
+                          tuple(held), live_held)
+
+
+class _Nodes:
+    """The ILP's node lists while they grow: ``follower`` appends a memory-only node that takes
+    the strategy of an op (a zero-cost diagonal edge, and a follow map so merging folds it in)."""
+
+    def __init__(self, costs: list, memory: list, edges: list, names: list, follow: dict) -> None:
+        self.costs, self.memory, self.edges, self.names, self.follow = costs, memory, edges, names, follow
+
+    def follower(self, op: int, memory: np.ndarray, name: str) -> int:
+        node = len(self.costs)
+        self.costs.append(np.zeros(memory.size))
+        self.memory.append(np.asarray(memory, dtype=float))
+        self.names.append(name)
+        self.follow[node] = (op, np.arange(memory.size))
+        self.edges.append(Edge(op, node, np.where(np.eye(memory.size) > 0, 0.0, np.inf)))
+        return node
+
+
+def _can_bind(nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held], sets: tuple,
+              budget: float | None) -> bool:
+    """Whether some plan could pass ``budget``: at some program point, every node alive there at
+    its largest strategy plus the largest bytes of every copy and held buffer alive there passes
+    it. When none can, the solver drops the memory rows (``ilp.model.integer_rows``): copies and
+    held buffers need no nodes (``peak_memory`` counts them for the report)."""
+    if budget is None or not np.isfinite(budget):
+        return False
+    top = [float(m[np.isfinite(c)].max(initial=0.0)) for m, c in zip(nodes.memory, nodes.costs, strict=True)]
+    for live, alive, first, _, kept in zip(*sets, strict=True):
+        total = sum(top[v] for v in set(live)) + sum(float(copies[k].nbytes.max()) for k in alive)
+        total += sum(float(held[k].nbytes.max()) for k in kept)
+        if total + max((float(copies[k].transient.max()) for k in first), default=0.0) > budget:
+            return True
+    return False
+
+
+def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy]) -> list[OperandCopy]:
+    """The copies, each with its node (module docstring): a follower of its reader when its bytes
+    do not depend on the producer's strategy, else an exact node (``_exact_copy_nodes``)."""
+    lows, exact = [], []
+    for c in found:
+        allowed = np.isfinite(nodes.costs[c.src])
+        low = [m[allowed].min(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
+        top = [m[allowed].max(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
+        exact.append(any((t != lo).any() for t, lo in zip(top, low, strict=True)))
+        lows.append(top if exact[-1] else low)
+    # Copies made at one point are made one after another: the ILP charges the largest transient.
+    biggest: dict[int, int] = {}
+    for k, c in enumerate(found):
+        first = _first_point(g, c.points)
+        if lows[k][1].any() and (first not in biggest or lows[k][1].max() > lows[biggest[first]][1].max()):
+            biggest[first] = k
+    copies = []
+    for k, c in enumerate(found):
+        with_transient = biggest.get(_first_point(g, c.points)) == k
+        name = f"of {g.ops[c.src]} for {g.ops[c.dst]}"
+        if exact[k]:
+            made = _exact_copy_nodes(nodes, c, with_transient, name)
+        else:
+            made = [nodes.follower(c.dst, low, f"{what} {name}") if low.any() and (what == "copy" or with_transient)
+                    else -1 for what, low in (("copy", lows[k][0]), ("transient of copy", lows[k][1]))]
+        copies.append(replace(c, node=made[0], transient_node=made[1]))
+    return copies
+
+
+def _exact_copy_nodes(nodes: _Nodes, c: OperandCopy, with_transient: bool, name: str) -> list[int]:
+    """A node whose states are the (reader class, bytes) pairs a copy can take, tied by edges to
+    the reader's strategy (its class) and to the producer's (which bytes): its memory is the
+    copy's exactly. Reader strategies with the same bytes for every producer strategy form one
+    class. Such a node has two sources, so it costs the ILP variables of its own (one per state,
+    and the allowed pairs of its two edges)."""
+    allowed = np.flatnonzero(np.isfinite(nodes.costs[c.src]))
+    pairs = np.stack([c.nbytes, c.transient], axis=-1)  # [i, j, 2]
+    cls: dict[bytes, int] = {}
+    col_class = [cls.setdefault(pairs[allowed, j].tobytes(), len(cls)) for j in range(pairs.shape[1])]
+    states: list[tuple[int, float, float]] = []
+    for j, d in enumerate(col_class):
+        for i in allowed:
+            state = (d, float(pairs[i, j, 0]), float(pairs[i, j, 1]))
+            if state not in states:
+                states.append(state)
+    n = len(states)
+    node = len(nodes.costs)
+    nodes.costs.append(np.zeros(n))
+    nodes.memory.append(np.array([b for _, b, _ in states]))
+    nodes.names.append(f"copy {name}")
+    to_dst = np.array([[0.0 if col_class[j] == d else np.inf for d, _, _ in states] for j in range(len(col_class))])
+    to_src = np.full((pairs.shape[0], n), np.inf)
+    for i in allowed:
+        for k, (d, b, t) in enumerate(states):
+            j = col_class.index(d)
+            if (float(pairs[i, j, 0]), float(pairs[i, j, 1])) == (b, t):
+                to_src[i, k] = 0.0
+    nodes.edges.append(Edge(c.dst, node, to_dst))
+    nodes.edges.append(Edge(c.src, node, to_src))
+    transient = np.array([t for _, _, t in states])
+    if not (with_transient and transient.any()):
+        return [node, -1]
+    return [node, nodes.follower(node, transient, f"transient of copy {name}")]
+
+
+def _combined_reductions(sgraph: StrategyGraph, until: Sequence[int], tail: frozenset[int]) -> list[Held]:
+    """XLA combines the reductions read by the update tail into one all-reduce (``update_tail``),
+    which runs once the last of them is made: every partial gradient is alive until then, and all
+    the reduced ones at once there. Per producer that can give a partial sum to the tail: its
+    partial outputs' bytes from its own death to that point P, and the reduced buffers at P (P:
+    the last such producer; the same for every plan)."""
+    g, strats, sizes = sgraph.graph, sgraph.strategies, sgraph.cluster.axis_sizes
+    outs: dict[int, set[int]] = {}
+    for u in tail:
+        for t in g.ops[u].operands:
+            src = g.producer[t]
+            k = g.ops[src].outputs.index(t)
+            if src not in tail and any(s.out_specs[k].is_partial for s in strats[src]):
+                outs.setdefault(src, set()).add(k)
+    if not outs:
+        return []
+    last, held = max(outs), []
+    for src, ks in outs.items():
+        ts = {k: g.tensors[g.ops[src].outputs[k]] for k in ks}
+        partial = np.array([sum(math.prod(s.out_specs[k].local_shape(t.shape, sizes)) * t.itemsize
+                                for k, t in ts.items() if s.out_specs[k].is_partial) for s in strats[src]], dtype=float)
+        if not partial.any():
+            continue
+        op = g.ops[src]
+        if until[src] < last:
+            held.append(Held(src, partial, range(until[src] + 1, last + 1),
+                             f"partial {op} held for the combined all-reduce"))
+        held.append(Held(src, partial, range(last, last + 1), f"combined all-reduce of {op}"))
+    return held
+
+
+def _first_point(g: OpGraph, points: range) -> int:
+    """The first op in ``points`` that computes something (where a live set is taken)."""
+    return next((p for p in points if g.ops[p].kind not in ("parameter", "constant")), -1)
 
 
 def update_tail(g: OpGraph, ties: Mapping[int, int]) -> frozenset[int]:
@@ -217,7 +358,7 @@ def peak_memory(iop: IntraOpProblem, choice: Sequence[int], ops: range | None = 
     at these program points; ``inputs=False``: without the function's inputs (a loop body's
     temporaries: its inputs are the loop's state, counted outside)."""
     pb, g = iop.problem, iop.sgraph.graph
-    skip = {n for c in iop.copies for n in (c.node, c.transient_node) if n >= 0}
+    skip = {n for c in iop.copies for n in (c.node, c.transient_node) if n >= 0} | {h.node for h in iop.held}
     if not inputs:
         skip |= {g.producer[t] for t in g.inputs}
     ends = (*iop.live_starts[1:], len(g.ops))
@@ -226,10 +367,11 @@ def peak_memory(iop: IntraOpProblem, choice: Sequence[int], ops: range | None = 
         if ops is not None and (ends[t] <= ops.start or iop.live_starts[t] >= ops.stop):
             continue
         total = sum(float(pb.memory[v][choice[v]]) for v in set(live) if v not in skip)
+        total += sum(float(iop.held[k].nbytes[choice[iop.held[k].op]]) for k in iop.live_held[t])
         total += sum(float(iop.copies[k].nbytes[choice[iop.copies[k].src], choice[iop.copies[k].dst]])
                      for k in alive)
-        total += sum(float(iop.copies[k].transient[choice[iop.copies[k].src], choice[iop.copies[k].dst]])
-                     for k in first)
+        total += max((float(iop.copies[k].transient[choice[iop.copies[k].src], choice[iop.copies[k].dst]])
+                      for k in first), default=0.0)
         peak = max(peak, total)
     return peak
 
@@ -254,9 +396,11 @@ def _kept(g: OpGraph, ties: Mapping[int, int]) -> tuple[frozenset[int], list[int
     return kept, until
 
 
-def _operand_copies(sgraph: StrategyGraph, kept: frozenset[int], until: Sequence[int]) -> Iterator[OperandCopy]:
+def _operand_copies(sgraph: StrategyGraph, kept: frozenset[int], until: Sequence[int],
+                    tail: frozenset[int]) -> Iterator[OperandCopy]:
     """Every (tensor, reader) whose reader may take a copy (``OperandCopy``); readers of the
-    same tensor in program order."""
+    same tensor in program order. A partial sum the update tail reads is reduced by the combined
+    all-reduce (``_combined_reductions``), not counted here."""
     g, strats, cluster = sgraph.graph, sgraph.strategies, sgraph.cluster
     for t, readers in enumerate(g.consumers):
         src = g.producer[t]
@@ -271,13 +415,18 @@ def _operand_copies(sgraph: StrategyGraph, kept: frozenset[int], until: Sequence
             fixed = g.ops[src].kind == "parameter" and not absorbs_layout(prim)
             nbytes, transient = _copy_matrices(src_specs, strats[u], positions, g.tensors[t], cluster,
                                                (fuses_operands(prim), fixed))
-            start = before + 1 if g.ops[src].kind == "parameter" else u
+            if u in tail:
+                combined = np.array([spec.is_partial for spec in src_specs])
+                nbytes[combined], transient[combined] = 0.0, 0.0
+            start = before + 1 if g.ops[src].kind == "parameter" else max(src + 1, u - 1)
             end = max(u if u in kept else until[u], start)
             if src in kept and g.ops[src].kind != "parameter" and u == readers[-1] and until[src] == end:
-                # The copy takes the place of the source, which dies once copied: only growth counts.
+                # The copy takes the place of its source, which dies once copied: both are alive
+                # while it is made (the transient), then only what the copy adds counts.
                 have = [float(math.prod(spec.local_shape(g.tensors[t].shape, cluster.axis_sizes)))
                         * g.tensors[t].itemsize for spec in src_specs]
-                nbytes = np.maximum(nbytes - np.array(have)[:, None], 0.0)
+                grown = np.maximum(nbytes - np.array(have)[:, None], 0.0)
+                transient, nbytes = transient + nbytes - grown, grown
             if nbytes.any() or transient.any():
                 yield OperandCopy(src, u, nbytes, transient, range(start, end + 1))
             before = u
@@ -303,7 +452,7 @@ def _copy_matrices(src_specs: Sequence[ShardingSpec], dst_strats: Sequence, posi
 
 
 def _live_sets(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: Sequence[OperandCopy],
-               scratch: Mapping[int, int]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+               held: Sequence[Held]) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """At each op that computes something: the nodes alive there (a sweep), the copies alive
     there and whose transient is there (by index in ``copies``); equal consecutive sets once,
     with the op each starts at.
@@ -314,7 +463,7 @@ def _live_sets(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: S
     only outputs XLA materialises count: an output fused into its readers keeps its own inputs
     alive instead, until its last reader (``cost_model.memory``). Copies count over their
     ``points``: the copy node (when it has one) in the live set, the copy itself in the lists.
-    An op's scratch node (``scratch``) is alive at that op only."""
+    The ``held`` buffers likewise (their nodes, when they have them, and by index)."""
     dies: dict[int, list[int]] = {}
     for op in g.ops:
         if op.outputs and op.index in kept:
@@ -328,20 +477,26 @@ def _live_sets(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: S
             at.setdefault(p, []).append(k)
         if points:
             first.setdefault(points[0], []).append(k)
-    sets, alive_copies, first_copies, starts, active, last = [], [], [], [], set(), None
+    more: dict[int, list[int]] = {}
+    for k, h in enumerate(held):
+        for p in compute[bisect.bisect_left(compute, h.points.start):bisect.bisect_left(compute, h.points.stop)]:
+            more.setdefault(p, []).append(k)
+    sets, alive_copies, first_copies, starts, alive_held, active, last = [], [], [], [], [], set(), None
     for op in g.ops:
         if op.outputs and op.index in kept:
             active.add(op.index)
         if op.kind not in ("parameter", "constant"):
             here, new = tuple(at.get(op.index, ())), tuple(first.get(op.index, ()))
             nodes = {copies[k].node for k in here} | {copies[k].transient_node for k in new}
-            nodes.add(scratch.get(op.index, -1))
+            kept_here = tuple(more.get(op.index, ()))
+            nodes |= {held[k].node for k in kept_here}
             live = tuple(sorted(active | nodes - {-1}))
-            if (live, here, new) != last:
+            if (live, here, new, kept_here) != last:
                 sets.append(live)
                 alive_copies.append(here)
                 first_copies.append(new)
                 starts.append(op.index)
-                last = (live, here, new)
+                alive_held.append(kept_here)
+                last = (live, here, new, kept_here)
         active.difference_update(dies.get(op.index, ()))
-    return tuple(sets), tuple(alive_copies), tuple(first_copies), tuple(starts)
+    return tuple(sets), tuple(alive_copies), tuple(first_copies), tuple(starts), tuple(alive_held)

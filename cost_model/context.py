@@ -107,9 +107,12 @@ class RuleContext:
             c = all_reduce(spec.partial, self.wire_bytes(self.out, reduced), self.cluster)
             if c is None:
                 continue
+            # The all-reduce writes a new buffer: the partial product is alive beside it while
+            # it runs (``Strategy.scratch_bytes``).
             out.append(replace(s, name=f"{s.name}→reduced", out_specs=(reduced,),
                                comm_s=s.comm_s + collective_time(c, self.cluster),
-                               collectives=(*s.collectives, c)))
+                               collectives=(*s.collectives, c),
+                               scratch_bytes=s.scratch_bytes + self.local_bytes(self.out, reduced)))
         return out
 
     def replicated(self, ins: Sequence[TensorInfo], name: str = "replicated") -> Strategy:

@@ -153,9 +153,16 @@ def copy_bytes(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo, cluster
     ``src``, and of the transient layout copy made on the way when the value's layout is fixed
     (``fixed_layout``: a function input read by other than a transpose; module docstring).
 
-    Nothing when the specs are equal, or for a partial sum reduced in place (one all-reduce to
-    the producer's own layout: XLA reuses the buffer); a free local slice is fused into a reader
-    that takes fused producers (``fused_reader``) and is a buffer of its own otherwise.
+    Nothing when the specs are equal; a free local slice is fused into a reader that takes
+    fused producers (``fused_reader``) and is a buffer of its own otherwise; a collective's result
+    is a new buffer, an all-reduce's too (seen on jax 0.10.2, 8 host devices: a 4 MB partial
+    product all-reduced for a dot or a sum takes 8 MB of temporaries; where an element-wise
+    reader makes an output of the same size, XLA writes it into the all-reduce's buffer).
+
+    The steps of a path before the last leave buffers that live until the next step has run
+    (``transient``): a reduce-scatter on a backend without one is an all-reduce of the whole
+    buffer, then a slice (seen: MoE's row-split expert weights reduce a 4 MB partial into a new
+    4 MB buffer before slicing it).
 
     A backend without 16-bit float arithmetic (``wire_itemsize``: XLA's CPU backend) computes
     and communicates a bf16/f16 value in f32: a reader that takes buffers (a dot, a loop) reads
@@ -171,14 +178,18 @@ def copy_bytes(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo, cluster
     colls = [s.collective for s in steps if s.collective is not None]
     if not colls and fused_reader:
         return 0.0, 0.0
-    if [c.kind for c in colls] == ["all-reduce"] and dst == src.without_partial() and not upcast:
-        return 0.0, 0.0
     if not colls and not upcast:
         itemsize = tensor.itemsize  # a local slice keeps the dtype
     out = _local_bytes(tensor, dst, sizes, itemsize)
     transient, before = 0.0, src
-    for step in steps:
-        if fixed_layout and step.collective is not None and step.collective.kind == "all-gather":
+    for k, step in enumerate(steps):
+        c = step.collective
+        made = _local_bytes(tensor, step.spec, sizes, itemsize)
+        if c is not None and c.nbytes > made:  # a reduce-scatter run as an all-reduce, then sliced
+            transient = max(transient, c.nbytes)
+        if k < len(steps) - 1:  # a step's result is alive until the next step has made its own
+            transient = max(transient, c.nbytes if c is not None else made)
+        if fixed_layout and c is not None and c.kind == "all-gather":
             local = step.spec.local_shape(tensor.shape, sizes)
             gathered = [d for d in range(tensor.rank) if len(step.spec.dims[d]) < len(before.dims[d])]
             if any(n > 1 for n in local[:min(gathered, default=0)]):

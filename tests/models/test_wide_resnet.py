@@ -37,6 +37,12 @@ def test_narrow_channels_large_batch_is_data_parallel():
     auto = measure("auto", plan, fn, args)
     auto.assert_predictions()
     assert auto.extra_kinds == ()
+    # XLA combines the gradient all-reduces into one, so each costs no latency of its own: the
+    # head and loss stay data parallel instead of gathering the pooled features to save two
+    # latencies (78,624 wire bytes vs 72,583 when every all-reduce was charged its own α).
+    base = measure("data_parallel", dp, fn, args)
+    base.assert_predictions()
+    assert auto.wire <= base.wire
     assert_steps_equal(plan.compile(fn), fn, args, n_state=2, atol=1e-4)
 
 
@@ -53,6 +59,9 @@ def test_wide_channels_split_channels_and_beat_data_parallel():
     assert auto.extra_kinds == ()
     dp = al.plan(fn, *args, mesh=mesh, method="data_parallel")
     assert plan.cost.total_s <= dp.cost.total_s * (1 + 1e-6)
+    # Not asserted: data parallel's memory here is predicted 20% low (24.3 vs 30.3 MB). XLA's CPU
+    # convolutions compute a kernel gradient in another layout and transpose it (one more
+    # kernel-sized buffer each), which the model does not count.
     assert auto.wire < measure("data_parallel", dp, fn, args).wire
     # Channel-split convs sum their partial products in another order: one pre-activation that
     # rounds to ~0 lands on the other side of a ReLU (its mask flips), which moves two elements
