@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -139,8 +140,14 @@ def fit_alpha_beta(wire: Sequence[float], seconds: Sequence[float]) -> LinkFit:
 
 
 def fit_samples(samples: Sequence[Sample]) -> LinkFit:
-    """:func:`fit_alpha_beta` over samples, on their wire bytes."""
-    return fit_alpha_beta([s.wire_bytes for s in samples], [s.seconds for s in samples])
+    """:func:`fit_alpha_beta` over samples, on their wire bytes. A sample whose time came out
+    non-positive (the difference of two noisy chain timings on a busy machine) is a failed
+    measurement: it is left out with a warning, and the fit fails only if too few remain."""
+    good = [s for s in samples if s.seconds > 0 and np.isfinite(s.seconds)]
+    if len(good) < len(samples):
+        warnings.warn(f"{len(samples) - len(good)} of {len(samples)} collective timings came out "
+                      "non-positive (a busy machine?) and were left out of the fit", stacklevel=2)
+    return fit_alpha_beta([s.wire_bytes for s in good], [s.seconds for s in good])
 
 
 def fit_axes(samples: Sequence[Sample]) -> tuple[dict[str, LinkFit], dict[tuple[str, str], LinkFit]]:

@@ -311,6 +311,9 @@ def _infeasible(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
     """An InfeasibleError saying the budget and the smallest memory any plan needs."""
     red, simple = _reduce(problem, False)
     model = build_peak_model(simple, red.memory_rows())
+    # Any plan is a point of this model: start from the greedy one, so that even when the limit
+    # passes the message can name the memory of a plan that exists.
+    add_hint(model, simple, greedy_choice(simple))
     limit = min(_PEAK_SOLVE_LIMIT_S, options.time_limit_s)
     solver, status = _run(model, options, limit)
     budget = _budget(problem)

@@ -307,3 +307,16 @@ def test_bad_input_is_one_line_and_exit_status_2(bad_runs, case):
     assert code == 2, (case, err)
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("alpa-lite: error: ") and BAD[case][1] in err, err
+
+
+def test_fit_leaves_out_non_positive_timings_with_a_warning():
+    """A busy machine can make a chained-timing difference come out ≤ 0: that sample is dropped."""
+    from alpa_lite.calibrate import Sample, fit_samples
+
+    alpha, beta = 20e-6, 2e9
+    good = [Sample("all-gather", "x", 2, n, 0.0) for n in (4096.0, 65536.0, 1048576.0)]
+    good = [Sample(s.kind, s.axis, s.group_size, s.nbytes, alpha + s.wire_bytes / beta) for s in good]
+    bad = Sample("all-gather", "x", 2, 16384.0, -1e-6)
+    with pytest.warns(UserWarning, match="1 of 4 collective timings"):
+        fit = fit_samples([*good, bad])
+    assert fit.alpha == pytest.approx(alpha, rel=1e-6) and fit.beta == pytest.approx(beta, rel=1e-6)
