@@ -28,13 +28,12 @@ class KindRow:
             self.compiled_wire_bytes, 1.0)
 
 
-@dataclass(frozen=True)
-class CheckReport:
-    rows: tuple[KindRow, ...]
+class WireTotals:
+    """Predicted against compiled wire bytes, for a report with ``predicted_wire_bytes`` and
+    ``compiled`` (one-stage and pipeline checks alike)."""
+
     predicted_wire_bytes: float
     compiled: CompiledStats
-    predicted_memory_bytes: float
-    tolerance: float = 0.10
 
     @property
     def compiled_wire_bytes(self) -> float:
@@ -42,8 +41,18 @@ class CheckReport:
 
     @property
     def wire_error(self) -> float:
+        """|predicted − compiled| / compiled (compiled at least 1 byte)."""
         return abs(self.predicted_wire_bytes - self.compiled_wire_bytes) / max(
             self.compiled_wire_bytes, 1.0)
+
+
+@dataclass(frozen=True)
+class CheckReport(WireTotals):
+    rows: tuple[KindRow, ...]
+    predicted_wire_bytes: float
+    compiled: CompiledStats
+    predicted_memory_bytes: float
+    tolerance: float = 0.10
 
     @property
     def flagged(self) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from alpa_lite.check import KindRow
+from alpa_lite.check import KindRow, WireTotals
 from alpa_lite.hlo_stats import CompiledStats, stats_of
 from alpa_lite.pipeline_update import Segment
 
@@ -94,7 +94,7 @@ class StageCheck:
 
 
 @dataclass(frozen=True)
-class PipelineCheckReport:
+class PipelineCheckReport(WireTotals):
     """Per stage, and the plan's totals in the shape of ``check.CheckReport`` (its ``rows``,
     ``compiled``, ``flagged``) so that reports print it alike."""
 
@@ -105,14 +105,6 @@ class PipelineCheckReport:
     compiled: CompiledStats  # every stage's programs × runs; memory: the largest stage's
     predicted_memory_bytes: float
     tolerance: float = 0.10
-
-    @property
-    def compiled_wire_bytes(self) -> float:
-        return self.compiled.wire_bytes
-
-    @property
-    def wire_error(self) -> float:
-        return abs(self.predicted_wire_bytes - self.compiled_wire_bytes) / max(self.compiled_wire_bytes, 1.0)
 
     @property
     def flagged(self) -> list[str]:
