@@ -3,7 +3,7 @@ XLA compilation of the emitted program, for GPT training steps of growing depth,
 devices and on simulated clusters of H100s (AbstractMesh: lowered, never compiled).
 
     python bench/planning_time.py [--layers 12 24 48 96] [--devices 8 64 256] [--hidden 8192]
-                                  [--num-stages 1] [--time-limit 600] [--json out.json]
+                                  [--num-stages 1] [--time-limit 600] [--batch B] [--json out.json]
     python bench/planning_time.py --smallest      # the smoke test
 """
 
@@ -27,9 +27,10 @@ def gpt_config(layers: int, hidden: int) -> GPTConfig:
 
 
 def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_limit: float,
-        flat: bool = False) -> dict:
+        flat: bool = False, batch: int | None = None) -> dict:
     cfg = gpt_config(layers, hidden)
-    fn, args = abstract_example(cfg, batch=max(8, devices))
+    batch = batch or max(8, devices)
+    fn, args = abstract_example(cfg, batch=batch)
     if devices <= len(jax.devices()):
         two_d = devices >= 8 and not flat
         mesh = jax.make_mesh((devices // 4, 4) if two_d else (devices,), ("data", "model") if two_d else ("x",))
@@ -40,7 +41,7 @@ def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_lim
     t0 = time.perf_counter()
     plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=num_stages, time_limit_s=time_limit)
     wall = time.perf_counter() - t0
-    rec = dict(layers=layers, devices=devices, hidden=hidden, plan_s=wall, **plan.timings,
+    rec = dict(layers=layers, devices=devices, hidden=hidden, batch=batch, plan_s=wall, **plan.timings,
                status=plan.solver.status, variables=plan.solver.variables, stages=len(plan.stages),
                predicted_step_s=plan.cost.total_s)
     t1 = time.perf_counter()
@@ -54,11 +55,11 @@ def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_lim
 
 
 def run(layers: list[int], devices: list[int], hidden: int, num_stages: int | None, time_limit: float,
-        flat: bool = False) -> dict:
+        flat: bool = False, batch: int | None = None) -> dict:
     rows, recs = [], []
     for d in devices:
         for n in layers:
-            r = one(n, d, hidden, num_stages, time_limit, flat)
+            r = one(n, d, hidden, num_stages, time_limit, flat, batch)
             recs.append(r)
             rows.append([n, d, hidden, f"{r['plan_s']:.2f}", f"{r.get('trace_s', 0):.2f}",
                          f"{r.get('strategies_s', 0):.2f}", f"{r.get('ilp_build_s', 0):.2f}",
@@ -77,11 +78,12 @@ if __name__ == "__main__":
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--time-limit", type=float, default=600.0)
+    ap.add_argument("--batch", type=int, default=None, help="global batch (default: max(8, devices))")
     ap.add_argument("--smallest", action="store_true", help="1 layer, hidden 64, a 1-D mesh of 8 (smoke test)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.smallest:
         out = run([1], [8], 64, 1, 60.0, flat=True)
     else:
-        out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit)
+        out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit, batch=a.batch)
     common.write_json(a.json, out)
