@@ -164,11 +164,14 @@ def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOp
     solver, status = _run(model, options, remaining)
     if status == cp_model.INFEASIBLE:
         return None
+    # Stopped short of the optimum before the deterministic limit: the wall clock stopped it,
+    # and another run may stop elsewhere (reported in IlpSolution.wall_clock_stop).
+    model.wall_clock_stop = (status != cp_model.OPTIMAL
+                             and solver.deterministic_time < 0.99 * deterministic_limit(options))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and _fits(simple, rows, budget, hint):
         # Out of time before CP-SAT even took its hint (presolve of a large model on a busy
         # machine): the greedy plan is a plan, and better than none.
         logger.warning("CP-SAT found no plan within its limits; using the greedy starting plan")
-        model.wall_clock_stop = solver.deterministic_time < 0.99 * deterministic_limit(options)
         return hint, "FEASIBLE", -math.inf, model
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         limits = f"time_limit_s={options.time_limit_s:g}, deterministic_time={deterministic_limit(options):g}"
@@ -177,10 +180,7 @@ def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOp
             f"{solver.status_name(status)}): raise them, or fall back to a baseline plan"
         )
     bound = solver.best_objective_bound / model.scale + model.offset
-    # Stopped short of the optimum before the deterministic limit: the wall clock stopped it,
-    # and another run may stop elsewhere (logged, and reported in IlpSolution.wall_clock_stop).
-    if status != cp_model.OPTIMAL and solver.deterministic_time < 0.99 * deterministic_limit(options):
-        model.wall_clock_stop = True
+    if model.wall_clock_stop:
         logger.warning("CP-SAT stopped by the wall-clock limit (%.3g s) after %.3g deterministic units of %.3g: "
                        "the plan may differ between runs", options.time_limit_s, solver.deterministic_time,
                        deterministic_limit(options))

@@ -34,13 +34,6 @@ import numpy as np
 
 from ilp.reduced import Simplified
 
-# Rounds of refinement: the radius (in edges) of the neighbourhood two tied leaders share. A
-# transformer block of a training step is tens of leaders deep, so 12 tells apart the
-# positions inside a block (two residual adds, Q and K projections) while the copies of one
-# position in different blocks stay alike; only the blocks within 12 edges of the program's
-# ends (embedding, loss) get classes of their own.
-ROUNDS = 12
-
 
 @dataclass(frozen=True)
 class Tied:
@@ -64,7 +57,7 @@ def _intern(table: dict, key) -> int:
     return table.setdefault(key, len(table))
 
 
-def classes(simple: Simplified, rounds: int = ROUNDS) -> dict[int, int]:
+def classes(simple: Simplified, rounds: int) -> dict[int, int]:
     """Leader → smallest leader with the same colour after ``rounds`` rounds (module docstring)."""
     leaders = sorted(simple.costs)
     table: dict = {}
@@ -113,6 +106,6 @@ def quotient(simple: Simplified, rows: list[dict[int, np.ndarray]], cls: dict[in
     return Tied(Simplified(costs, edges, simple.offset), tied_rows, dict(cls))
 
 
-def tie(simple: Simplified, rows: list[dict[int, np.ndarray]], rounds: int = ROUNDS) -> Tied:
+def tie(simple: Simplified, rows: list[dict[int, np.ndarray]], rounds: int) -> Tied:
     """``quotient`` over ``classes``."""
     return quotient(simple, rows, classes(simple, rounds))
