@@ -118,11 +118,9 @@ def test_predicted_memory_of_weight_moving_plans(method):
         assert predicted > 1.5 * weights  # both gathered weights are counted
 
 
-@pytest.mark.parametrize("method, budget", [("zero3", 1.0e6), ("auto", 3.0e5)])
-def test_copies_are_exact_in_the_ilp_when_the_budget_can_bind(method, budget):
-    """Under a budget some plan could pass, every copy has a node in the ILP, exact: the ILP's
-    peak equals the exact peak of its choice, within the budget. (Without such a budget the
-    ILP has no copy nodes and only the report counts them.)"""
+@pytest.fixture
+def last_problem(monkeypatch):
+    """The (IntraOpProblem, IlpSolution) of the last one-stage plan made in the test."""
     import alpa_lite.planner as planner
 
     seen = {}
@@ -132,14 +130,19 @@ def test_copies_are_exact_in_the_ilp_when_the_budget_can_bind(method, budget):
         seen["iop"], seen["sol"] = iop, sol
         return original(iop, sol, **kw)
 
+    monkeypatch.setattr(planner, "assemble_plan", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method, budget", [("zero3", 1.0e6), ("auto", 3.0e5)])
+def test_copies_are_exact_in_the_ilp_when_the_budget_can_bind(method, budget, last_problem):
+    """Under a budget some plan could pass, every copy has a node in the ILP, exact: the ILP's
+    peak equals the exact peak of its choice, within the budget. (Without such a budget the
+    ILP has no copy nodes and only the report counts them.)"""
     fn, args = make_example(batch=16, hidden=1024, dim=64, layers=2)
-    try:
-        planner.assemble_plan = spy
-        plan = al.plan(fn, *args, mesh=make_mesh((8,)), method=method, memory_budget=budget)
-        unbounded = al.plan(fn, *args, mesh=make_mesh((8,)), method=method)
-    finally:
-        planner.assemble_plan = original
-    iop, sol = seen["iop"], seen["sol"]
+    plan = al.plan(fn, *args, mesh=make_mesh((8,)), method=method, memory_budget=budget)
+    unbounded = al.plan(fn, *args, mesh=make_mesh((8,)), method=method)
+    iop, sol = last_problem["iop"], last_problem["sol"]
     assert not any(c.node >= 0 for c in iop.copies)  # the last plan: no budget that binds
     assert sol.peak_memory <= unbounded.cost.peak_memory_bytes
     print(f"{method}: peak {plan.cost.peak_memory_bytes:,.0f} B within {budget:,.0f}")
@@ -147,22 +150,9 @@ def test_copies_are_exact_in_the_ilp_when_the_budget_can_bind(method, budget):
     assert np.isfinite(plan.cost.peak_memory_bytes)
 
 
-def test_ilp_peak_with_copy_nodes_is_the_exact_peak():
-    import alpa_lite.planner as planner
-
-    seen = {}
-    original = planner.assemble_plan
-
-    def spy(iop, sol, **kw):
-        seen["iop"], seen["sol"] = iop, sol
-        return original(iop, sol, **kw)
-
+def test_ilp_peak_with_copy_nodes_is_the_exact_peak(last_problem):
     fn, args = make_example(batch=16, hidden=1024, dim=64, layers=2)
-    try:
-        planner.assemble_plan = spy
-        plan = al.plan(fn, *args, mesh=make_mesh((8,)), method="zero3", memory_budget=1.0e6)
-    finally:
-        planner.assemble_plan = original
-    iop, sol = seen["iop"], seen["sol"]
+    plan = al.plan(fn, *args, mesh=make_mesh((8,)), method="zero3", memory_budget=1.0e6)
+    iop, sol = last_problem["iop"], last_problem["sol"]
     assert any(c.node >= 0 for c in iop.copies)
     assert sol.peak_memory == pytest.approx(plan.cost.peak_memory_bytes)
