@@ -64,7 +64,9 @@ class CalibrationOptions:
     @classmethod
     def quick(cls) -> CalibrationOptions:
         """A few seconds on 8 CPU devices of a 2-core machine: two sizes, fewer repeats."""
-        return cls(sizes=(16 * KiB, 2 * MiB), reps=2, repeats=3, matmul_n=384, elementwise_bytes=4 * MiB)
+        # reps 4 and repeats 5: at 2 and 3 the chained-timing difference was noise often enough to
+        # leave a fit without a positive slope (1 run in 4 on a busy 2-core machine)
+        return cls(sizes=(16 * KiB, 2 * MiB), reps=4, repeats=5, matmul_n=384, elementwise_bytes=4 * MiB)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,9 @@ def fit_samples(samples: Sequence[Sample]) -> LinkFit:
 
 
 def fit_axes(samples: Sequence[Sample]) -> tuple[dict[str, LinkFit], dict[tuple[str, str], LinkFit]]:
-    """Per axis over every kind, and per (axis, kind)."""
+    """Per axis over every kind (what the spec holds), and per (axis, kind) — shown only, to see
+    how far one line is from each kind: a kind whose few points noise leaves without a positive
+    slope is left out of that display rather than failing the calibration."""
     axes = list(dict.fromkeys(s.axis for s in samples))
     per_axis = {a: fit_samples([s for s in samples if s.axis == a]) for a in axes}
     per_kind = {}
@@ -159,7 +163,10 @@ def fit_axes(samples: Sequence[Sample]) -> tuple[dict[str, LinkFit], dict[tuple[
         for k in dict.fromkeys(s.kind for s in samples if s.axis == a):
             group = [s for s in samples if s.axis == a and s.kind == k]
             if len({s.nbytes for s in group}) >= 2:
-                per_kind[(a, k)] = fit_samples(group)
+                try:
+                    per_kind[(a, k)] = fit_samples(group)
+                except CalibrationError:
+                    continue
     return per_axis, per_kind
 
 
