@@ -15,19 +15,21 @@ already gives the reader's spec), which a node's memory cannot say. When no plan
 memory budget (every node at its largest strategy, every copy at its largest, at every program
 point: ``_can_bind``) the solver drops the memory rows anyway, and copies get no nodes: nothing
 is added to the ILP. Otherwise each copy gets a node alive over the copy's own points
-(``_copy_nodes``): a follower of its reader (one strategy per reader strategy, tied by a
-zero-cost diagonal edge and listed in ``follow``, so merging folds it in: no new CP-SAT
-variables) when its bytes do not depend on the producer's strategy (a baseline's fixed inputs:
-ZeRO-3's gathered weights), else a node whose states are the (reader class, bytes) pairs the
-copy can take, tied to both ends (``_exact_copy_nodes``): exact, at the price of variables of its
-own (on the 2x4 GPT example, 55,783 → 150,397 CP-SAT variables and 13 s → 317 s, not optimal:
-too slow to use unless the budget can bind). Transients of copies made at one point are made
+(``_copy_nodes``). By default that node is a follower of its reader (one strategy per reader
+strategy, tied by a zero-cost diagonal edge and listed in ``follow``, so merging folds it in: no
+new CP-SAT variables) charged the copy's *least* bytes over the producer's strategies: exact
+when the bytes do not depend on the producer (a baseline's fixed inputs: ZeRO-3's gathered
+weights), a lower bound otherwise, so the ILP's memory rows are a relaxation and the plan's
+exact peak (``peak_memory``) is checked after the solve (``alpa_lite.fit``: the budget given to
+the ILP is lowered by what the relaxation missed, and the plan solved again). With
+``exact_copies=True`` a copy whose bytes depend on the producer gets a node whose states are the
+(reader class, bytes) pairs the copy can take, tied to both ends (``_exact_copy_nodes``): exact,
+at the price of variables of its own and of breaking the ties between identical layers (on the
+2x4 GPT example, 55,783 → 150,397 CP-SAT variables and 13 s → 317 s, not optimal; a 4-layer
+hidden-8192 GPT on 64 GPUs, 166 → 487 tied classes, from OPTIMAL in 25 s to no optimum in
+120 s): the last resort of ``alpa_lite.fit``. Transients of copies made at one point are made
 one after another; the ILP charges the one that can be largest, the plan's report the largest
-its choice makes (``peak_memory`` scores a full choice exactly; the plan reports that). The
-exact and cheap ILP puts ``bytes[i, j]`` on the edge variable ``e_vu[i, j]`` in the memory rows
-of the copy's points (``Σ_v s_v·m_v + Σ_copies Σ_ij e_vu[i,j]·bytes[i,j] ≤ M``): no new
-variables, since an edge whose copy bytes depend on both ends also has a resharding cost that
-does, and so has its pair variables already.
+its choice makes (``peak_memory`` scores a full choice exactly; the plan reports that).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class OperandCopy:
     tile, so it is counted once). A copy made for a computed value's last reader takes its
     source's place (the source dies once copied): both are alive while it is made (the
     transient), then only what the copy adds to the source's bytes counts.
-    ``node``: the ILP's copy node for it, -1 when its lower bound is 0 (module docstring)."""
+    ``node``: the ILP's copy node for it, -1 when its least bytes are 0 (module docstring)."""
 
     src: int
     dst: int
@@ -117,8 +119,11 @@ class IntraOpProblem:
 
 def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
                   memory_budget: float | None,
-                  allowed: Mapping[int, Sequence[bool]] | None = None) -> IntraOpProblem:
-    """``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden."""
+                  allowed: Mapping[int, Sequence[bool]] | None = None, *,
+                  exact_copies: bool = False) -> IntraOpProblem:
+    """``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden.
+    ``exact_copies``: copies whose bytes depend on the producer get exact nodes (module
+    docstring); by default they are charged their least bytes."""
     from alpa_lite.scan import pair_scans
 
     sgraph = pair_scans(sgraph)  # a backward scan gets candidates matching its forward scan's
@@ -169,7 +174,7 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
     sets = _live_sets(g, kept, until, copies, held)
     if _can_bind(nodes, copies, held, sets, memory_budget):
         held = [replace(h, node=nodes.follower(h.op, h.nbytes, h.what)) for h in held]
-        copies = _copy_nodes(g, nodes, copies)
+        copies = _copy_nodes(g, nodes, copies, exact_copies)
         sets = _live_sets(g, kept, until, copies, held)
     live, live_copies, first_copies, starts, live_held = sets
     follow = nodes.follow
@@ -214,15 +219,16 @@ def _can_bind(nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held]
     return False
 
 
-def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy]) -> list[OperandCopy]:
-    """The copies, each with its node (module docstring): a follower of its reader when its bytes
-    do not depend on the producer's strategy, else an exact node (``_exact_copy_nodes``)."""
+def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_copies: bool) -> list[OperandCopy]:
+    """The copies, each with its node (module docstring): a follower of its reader charged the
+    least bytes over the producer's strategies, or with ``exact_copies``, when its bytes depend
+    on the producer's strategy, an exact node (``_exact_copy_nodes``)."""
     lows, exact = [], []
     for c in found:
         allowed = np.isfinite(nodes.costs[c.src])
         low = [m[allowed].min(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
         top = [m[allowed].max(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
-        exact.append(any((t != lo).any() for t, lo in zip(top, low, strict=True)))
+        exact.append(exact_copies and any((t != lo).any() for t, lo in zip(top, low, strict=True)))
         lows.append(top if exact[-1] else low)
     # Copies made at one point are made one after another: the ILP charges the largest transient.
     biggest: dict[int, int] = {}

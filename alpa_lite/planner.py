@@ -21,6 +21,7 @@ from alpa_lite.baselines import BASELINES, baseline_input_specs, baseline_masks
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout
 from alpa_lite.errors import MeshError, PlanningError
+from alpa_lite.fit import solve_within_budget
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op import IntraOpProblem, build_problem, peak_memory
 from alpa_lite.plan_result import Plan, PlanCost, PredictedCollective, SolverInfo, StageInfo
@@ -28,7 +29,7 @@ from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import StrategyGraph, build_strategies
 from cost_model.resharding import reshard
-from ilp import IlpOptions, IlpSolution, NoSolutionError, solve
+from ilp import IlpOptions, IlpSolution, NoSolutionError
 
 log = logging.getLogger("alpa_lite.planner")
 METHODS = ("auto", *BASELINES)
@@ -163,7 +164,9 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     timings["ilp_build_s"] = time.perf_counter() - t2
     note = ""
     try:
-        sol = solve(iop.problem, IlpOptions(time_limit_s=time_limit_s))
+        iop, sol = solve_within_budget(
+            lambda exact: iop if not exact else build_problem(sgraph, ties, budget, masks, exact_copies=True),
+            IlpOptions(time_limit_s=time_limit_s))
     except NoSolutionError:
         if method != "auto":
             raise
@@ -208,9 +211,11 @@ def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: f
         try:
             specs = baseline_input_specs(m, graph, sgraph.cluster.axis_sizes, sgraph.cluster.axis_names,
                                          state, batch, groups)
-            iop = build_problem(sgraph, ties, budget, baseline_masks(m, sgraph, specs, state))
+            mask = baseline_masks(m, sgraph, specs, state)
             # Inputs fixed, a baseline's model is far smaller: give it time enough to be a fallback.
-            sol = solve(iop.problem, IlpOptions(time_limit_s=max(time_limit_s, 30.0)))
+            iop, sol = solve_within_budget(
+                lambda exact, mask=mask: build_problem(sgraph, ties, budget, mask, exact_copies=exact),
+                IlpOptions(time_limit_s=max(time_limit_s, 30.0)))
         except PlanningError:
             continue
         if best is None or sol.objective < best[1].objective:
