@@ -6,18 +6,23 @@ charged its reduction. A carried output (a training step's new params / optimize
 an edge to its input's parameter node instead, so it leaves in the spec it came in with.
 Edges: producer strategy i → consumer strategy j costs ``reshard(out_spec_i, in_spec_j)``.
 Memory at each program point: the output bytes of every op alive there, counted as XLA's
-``memory_analysis`` does (``_live_sets``: inputs for the whole program, carried state in its
-donated input's buffer, fused element-wise outputs not at all), plus the resharded copies of
-operands alive there (``OperandCopy``).
+``memory_analysis`` does (arguments + outputs − aliased + temporaries; ``alpa_lite.liveness``):
+inputs for the whole program, carried state in its donated input's buffer, fused element-wise
+outputs not at all; plus the resharded copies of operands alive there (``OperandCopy``).
+Beyond ``LAZY_ROWS`` the ILP gets rows at a few points and ``alpa_lite.fit`` adds the rest where
+a plan passes the budget.
 
 A copy's bytes depend on the strategies at *both* ends of its edge (none when the producer
 already gives the reader's spec), which a node's memory cannot say. When no plan could pass the
 memory budget (every node at its largest strategy, every copy at its largest, at every program
-point: ``_can_bind``) the solver drops the memory rows anyway, and copies get no nodes: nothing
+point: ``_top_profile``) the solver drops the memory rows anyway, and copies get no nodes: nothing
 is added to the ILP. Otherwise each copy gets a node alive over the copy's own points
 (``_copy_nodes``). By default that node is a follower of its reader (one strategy per reader
 strategy, tied by a zero-cost diagonal edge and listed in ``follow``, so merging folds it in: no
-new CP-SAT variables) charged the copy's *least* bytes over the producer's strategies: exact
+new CP-SAT variables) charged the copy's *least* bytes over the producer's strategies (except
+copies of function inputs, exact as below: a weight gathered for its backward reader is held
+from its forward read, and least bytes, zero where the weight could be replicated, missed 30 GB
+of 116 on a 96-layer GPT on 64 GPUs; exact nodes for them cost 146 → 186 tied classes): exact
 when the bytes do not depend on the producer (a baseline's fixed inputs: ZeRO-3's gathered
 weights), a lower bound otherwise, so the ILP's memory rows are a relaxation and the plan's
 exact peak (``peak_memory``) is checked after the solve (``alpa_lite.fit``: the budget given to
@@ -34,20 +39,29 @@ its choice makes (``peak_memory`` scores a full choice exactly; the plan reports
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from alpa_lite.follow import follow_maps
 from alpa_lite.graph import OpGraph
+from alpa_lite.liveness import Liveness
 from alpa_lite.specs import ShardingSpec
 from cost_model.builder import StrategyGraph
 from cost_model.memory import absorbs_layout, copy_bytes, fuses_operands, live_until, loop_fusible, materialised
 from cost_model.resharding import reshard, resharding_matrix
 from ilp import Edge, IlpProblem
+
+# Memory rows listed for every program point up to this many entries (Σ_points nodes alive):
+# beyond it they are listed lazily (``alpa_lite.fit``). The rows' preprocessing in ``ilp`` costs
+# ~5 µs per entry (measured on GPT training steps: 22M entries at 48 layers, ~100 s); a 2-layer
+# GPT on 8 devices has ~50k entries, a 12-layer hidden-8192 one on 64 GPUs 1.7M.
+LAZY_ROWS = 250_000
+# Rows listed at first when they are listed lazily. Measured on a 96-layer hidden-8192 GPT on 64
+# GPUs: from 2 rows (the two peaks), 4 rounds of added rows before a plan fitted.
+SEED_ROWS = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,20 +124,25 @@ class IntraOpProblem:
     sink_specs: tuple[tuple[ShardingSpec, ...], ...]
     ties: Mapping[int, int]  # flat output position → flat input position
     copies: tuple[OperandCopy, ...] = ()
-    live_copies: tuple[tuple[int, ...], ...] = ()  # per live set: the copies alive there
-    first_copies: tuple[tuple[int, ...], ...] = ()  # per live set: the copies whose transient is there
-    live_starts: tuple[int, ...] = ()  # per live set: the first op (program point) it holds at
     held: tuple[Held, ...] = ()
-    live_held: tuple[tuple[int, ...], ...] = ()  # per live set: the ``held`` alive there
+    liveness: Liveness | None = None  # when everything is alive (``alpa_lite.liveness``)
+    rows: tuple[int, ...] = ()  # the points whose live sets are the problem's memory rows
+
+    def with_rows(self, points: Iterable[int], budget: float | None) -> IntraOpProblem:
+        """The same problem with memory rows at ``points`` (point numbers) and ``budget``."""
+        points = tuple(sorted(set(points)))
+        problem = replace(self.problem, live_sets=self.liveness.rows(points), memory_budget=budget)
+        return replace(self, problem=problem, rows=points)
 
 
 def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
                   memory_budget: float | None,
                   allowed: Mapping[int, Sequence[bool]] | None = None, *,
-                  exact_copies: bool = False) -> IntraOpProblem:
+                  exact_copies: bool = False, all_rows: bool = False) -> IntraOpProblem:
     """``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden.
     ``exact_copies``: copies whose bytes depend on the producer get exact nodes (module
-    docstring); by default they are charged their least bytes."""
+    docstring); by default they are charged their least bytes. ``all_rows``: a memory row at
+    every point even when there are more than ``LAZY_ROWS`` entries (module docstring)."""
     from alpa_lite.scan import pair_scans
 
     sgraph = pair_scans(sgraph)  # a backward scan gets candidates matching its forward scan's
@@ -171,18 +190,35 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
             for op in g.ops if (need := np.array([s.scratch_bytes for s in strats[op.index]])).any()]
     held += _combined_reductions(sgraph, until, tail)
     copies = list(_operand_copies(sgraph, kept, until, tail))
-    sets = _live_sets(g, kept, until, copies, held)
-    if _can_bind(nodes, copies, held, sets, memory_budget):
+    liveness = Liveness.of(g, kept, until, copies, held)
+    top = _top_profile(liveness, nodes, copies, held)
+    if memory_budget is not None and top.max(initial=0.0) > memory_budget:  # the budget can bind
         held = [replace(h, node=nodes.follower(h.op, h.nbytes, h.what)) for h in held]
         copies = _copy_nodes(g, nodes, copies, exact_copies)
-        sets = _live_sets(g, kept, until, copies, held)
-    live, live_copies, first_copies, starts, live_held = sets
+        liveness = Liveness.of(g, kept, until, copies, held)
+    points = range(liveness.num_points)
+    if not all_rows and liveness.size() > LAZY_ROWS:
+        # Too many to list: rows where the plan of largest and of least bytes peak; the rest are
+        # added where a plan passes the budget (``alpa_lite.fit``).
+        points = _seed_rows(top, _top_profile(liveness, nodes, copies, held, np.min))
     follow = nodes.follow
+    live = _distinct(liveness.rows(points))
     problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), live, memory_budget,
                          names=tuple(names), follow=follow)
     return IntraOpProblem(sgraph, problem, tuple(refs), tuple(sink_tensors), tuple(sink_outputs),
-                          tuple(sink_specs), dict(ties), tuple(copies), live_copies, first_copies, starts,
-                          tuple(held), live_held)
+                          tuple(sink_specs), dict(ties), tuple(copies), tuple(held), liveness, tuple(points))
+
+
+def _seed_rows(top: np.ndarray, low: np.ndarray) -> list[int]:
+    """The points where the plan of every buffer at its largest and the one at its least peak,
+    and ``SEED_ROWS`` more evenly spread (where a plan between the two may peak)."""
+    spread = np.linspace(0, len(top) - 1, SEED_ROWS).round().astype(int).tolist()
+    return sorted({int(np.argmax(top)), int(np.argmax(low)), *spread})
+
+
+def _distinct(rows: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    """Consecutive equal rows once."""
+    return tuple(r for k, r in enumerate(rows) if k == 0 or r != rows[k - 1])
 
 
 class _Nodes:
@@ -202,21 +238,24 @@ class _Nodes:
         return node
 
 
-def _can_bind(nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held], sets: tuple,
-              budget: float | None) -> bool:
-    """Whether some plan could pass ``budget``: at some program point, every node alive there at
-    its largest strategy plus the largest bytes of every copy and held buffer alive there passes
-    it. When none can, the solver drops the memory rows (``ilp.model.integer_rows``): copies and
-    held buffers need no nodes (``peak_memory`` counts them for the report)."""
-    if budget is None or not np.isfinite(budget):
-        return False
-    top = [float(m[np.isfinite(c)].max(initial=0.0)) for m, c in zip(nodes.memory, nodes.costs, strict=True)]
-    for live, alive, first, _, kept in zip(*sets, strict=True):
-        total = sum(top[v] for v in set(live)) + sum(float(copies[k].nbytes.max()) for k in alive)
-        total += sum(float(held[k].nbytes.max()) for k in kept)
-        if total + max((float(copies[k].transient.max()) for k in first), default=0.0) > budget:
-            return True
-    return False
+def _top_profile(liveness: Liveness, nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held],
+                 pick=np.max) -> np.ndarray:
+    """Bytes at every point with every op output, copy and held buffer at its largest (``pick``:
+    np.min for the least) over allowed strategies. Where no point's largest passes the budget
+    it cannot bind: the solver drops the memory rows (``ilp.model.binding_rows``), and copies
+    and held buffers need no nodes (``peak_memory`` counts them for the report)."""
+    def most(m: np.ndarray, c: np.ndarray) -> float:
+        allowed = np.isfinite(c)
+        return float(pick(m[allowed])) if allowed.any() else 0.0
+
+    ops = liveness.node_ids[liveness.op_items]
+    node_bytes = np.zeros(len(liveness.node_ids))
+    node_bytes[liveness.op_items] = [most(nodes.memory[v], nodes.costs[v]) for v in ops]
+    low = pick is np.min
+    return liveness.profile(node_bytes,
+                            [float(c.nbytes.min() if low else c.nbytes.max()) for c in copies],
+                            [float(c.transient.min() if low else c.transient.max()) for c in copies],
+                            [float(h.nbytes.min() if low else h.nbytes.max()) for h in held])
 
 
 def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_copies: bool) -> list[OperandCopy]:
@@ -228,7 +267,10 @@ def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_c
         allowed = np.isfinite(nodes.costs[c.src])
         low = [m[allowed].min(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
         top = [m[allowed].max(axis=0) if allowed.any() else np.zeros(m.shape[1]) for m in (c.nbytes, c.transient)]
-        exact.append(exact_copies and any((t != lo).any() for t, lo in zip(top, low, strict=True)))
+        # A function input's copies are exact always: a gathered weight read again in the backward
+        # pass is held from its forward read (module docstring), the bulk of what least bytes miss.
+        exact.append((exact_copies or g.ops[c.src].kind == "parameter")
+                     and any((t != lo).any() for t, lo in zip(top, low, strict=True)))
         lows.append(top if exact[-1] else low)
     # Copies made at one point are made one after another: the ILP charges the largest transient.
     biggest: dict[int, int] = {}
@@ -363,23 +405,32 @@ def peak_memory(iop: IntraOpProblem, choice: Sequence[int], ops: range | None = 
     exactly: the copy nodes' lower bounds replaced by ``nbytes[i_src, j_dst]``. ``ops``: only
     at these program points; ``inputs=False``: without the function's inputs (a loop body's
     temporaries: its inputs are the loop's state, counted outside)."""
-    pb, g = iop.problem, iop.sgraph.graph
-    skip = {n for c in iop.copies for n in (c.node, c.transient_node) if n >= 0} | {h.node for h in iop.held}
-    if not inputs:
-        skip |= {g.producer[t] for t in g.inputs}
-    ends = (*iop.live_starts[1:], len(g.ops))
-    peak = 0.0
-    for t, (live, alive, first) in enumerate(zip(pb.live_sets, iop.live_copies, iop.first_copies, strict=True)):
-        if ops is not None and (ends[t] <= ops.start or iop.live_starts[t] >= ops.stop):
-            continue
-        total = sum(float(pb.memory[v][choice[v]]) for v in set(live) if v not in skip)
-        total += sum(float(iop.held[k].nbytes[choice[iop.held[k].op]]) for k in iop.live_held[t])
-        total += sum(float(iop.copies[k].nbytes[choice[iop.copies[k].src], choice[iop.copies[k].dst]])
-                     for k in alive)
-        total += max((float(iop.copies[k].transient[choice[iop.copies[k].src], choice[iop.copies[k].dst]])
-                      for k in first), default=0.0)
-        peak = max(peak, total)
-    return peak
+    prof = memory_profile(iop, choice, inputs)
+    if ops is not None:
+        prof = prof[iop.liveness.covering(ops)]
+    return float(prof.max(initial=0.0))
+
+
+def relaxed_profile(iop: IntraOpProblem, choice: Sequence[int]) -> np.ndarray:
+    """Bytes at every point of a full choice as the ILP's rows count them (copy and held nodes
+    at their memory in the problem: copies at their least bytes)."""
+    lv, memory = iop.liveness, iop.problem.memory
+    node_bytes = np.array([float(memory[v][choice[v]]) for v in lv.node_ids.tolist()])
+    return lv.profile(node_bytes, np.zeros(len(lv.copy_a)), np.zeros(len(lv.copy_a)), np.zeros(len(lv.held_a)))
+
+
+def memory_profile(iop: IntraOpProblem, choice: Sequence[int], inputs: bool = True) -> np.ndarray:
+    """Bytes per device at every program point (``alpa_lite.liveness``) of a full choice, every
+    copy and held buffer charged exactly."""
+    pb, g, lv = iop.problem, iop.sgraph.graph, iop.liveness
+    skip = set() if inputs else {g.producer[t] for t in g.inputs}
+    node_bytes = np.zeros(len(lv.node_ids))
+    node_bytes[lv.op_items] = [0.0 if v in skip else float(pb.memory[v][choice[v]])
+                               for v in lv.node_ids[lv.op_items].tolist()]
+    copies = [(float(c.nbytes[choice[c.src], choice[c.dst]]), float(c.transient[choice[c.src], choice[c.dst]]))
+              for c in iop.copies]
+    return lv.profile(node_bytes, [c[0] for c in copies], [c[1] for c in copies],
+                      [float(h.nbytes[choice[h.op]]) for h in iop.held])
 
 
 def _sink_specs(sgraph: StrategyGraph, t: int) -> list[ShardingSpec]:
@@ -457,52 +508,3 @@ def _copy_matrices(src_specs: Sequence[ShardingSpec], dst_strats: Sequence, posi
     return full[0], full[1]
 
 
-def _live_sets(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: Sequence[OperandCopy],
-               held: Sequence[Held]) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """At each op that computes something: the nodes alive there (a sweep), the copies alive
-    there and whose transient is there (by index in ``copies``); equal consecutive sets once,
-    with the op each starts at.
-
-    Counted as XLA's ``memory_analysis`` does (arguments + outputs − aliased + temporaries):
-    inputs are alive for the whole program (the caller owns their buffers); carried state is
-    written into its donated input's buffer, so an op making a tied output adds nothing; and
-    only outputs XLA materialises count: an output fused into its readers keeps its own inputs
-    alive instead, until its last reader (``cost_model.memory``). Copies count over their
-    ``points``: the copy node (when it has one) in the live set, the copy itself in the lists.
-    The ``held`` buffers likewise (their nodes, when they have them, and by index)."""
-    dies: dict[int, list[int]] = {}
-    for op in g.ops:
-        if op.outputs and op.index in kept:
-            dies.setdefault(until[op.index], []).append(op.index)
-    compute = [op.index for op in g.ops if op.kind not in ("parameter", "constant")]
-    at: dict[int, list[int]] = {}
-    first: dict[int, list[int]] = {}
-    for k, c in enumerate(copies):
-        points = compute[bisect.bisect_left(compute, c.points.start):bisect.bisect_left(compute, c.points.stop)]
-        for p in points:
-            at.setdefault(p, []).append(k)
-        if points:
-            first.setdefault(points[0], []).append(k)
-    more: dict[int, list[int]] = {}
-    for k, h in enumerate(held):
-        for p in compute[bisect.bisect_left(compute, h.points.start):bisect.bisect_left(compute, h.points.stop)]:
-            more.setdefault(p, []).append(k)
-    sets, alive_copies, first_copies, starts, alive_held, active, last = [], [], [], [], [], set(), None
-    for op in g.ops:
-        if op.outputs and op.index in kept:
-            active.add(op.index)
-        if op.kind not in ("parameter", "constant"):
-            here, new = tuple(at.get(op.index, ())), tuple(first.get(op.index, ()))
-            nodes = {copies[k].node for k in here} | {copies[k].transient_node for k in new}
-            kept_here = tuple(more.get(op.index, ()))
-            nodes |= {held[k].node for k in kept_here}
-            live = tuple(sorted(active | nodes - {-1}))
-            if (live, here, new, kept_here) != last:
-                sets.append(live)
-                alive_copies.append(here)
-                first_copies.append(new)
-                starts.append(op.index)
-                alive_held.append(kept_here)
-                last = (live, here, new, kept_here)
-        active.difference_update(dies.get(op.index, ()))
-    return tuple(sets), tuple(alive_copies), tuple(first_copies), tuple(starts), tuple(alive_held)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 
 import jax
+import numpy as np
 import pytest
 
 import alpa_lite as al
+from alpa_lite import intra_op
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.errors import InfeasibleError
 from alpa_lite.fit import solve_within_budget
-from alpa_lite.intra_op import build_problem, peak_memory
+from alpa_lite.intra_op import build_problem, memory_profile, peak_memory
 from alpa_lite.planner import find_ties
 from alpa_lite.tracer import trace
 from cost_model.builder import build_strategies
@@ -33,6 +35,10 @@ def mlp():
     return fn, args, sgraph, ties
 
 
+def _fit(sgraph, ties, budget, options=IlpOptions()):  # noqa: B008
+    return solve_within_budget(lambda e: build_problem(sgraph, ties, budget, exact_copies=e, all_rows=e), options)
+
+
 def _exact(sgraph, ties, budget):
     iop = build_problem(sgraph, ties, budget, exact_copies=True)
     return iop, solve(iop.problem)
@@ -47,9 +53,9 @@ def test_plan_fits_with_its_copies_or_none_exists(budget, mlp):
         exact_iop, exact_sol = _exact(sgraph, ties, budget)
     except InfeasibleError:
         with pytest.raises(InfeasibleError):
-            solve_within_budget(lambda e: build_problem(sgraph, ties, budget, exact_copies=e), IlpOptions())
+            _fit(sgraph, ties, budget)
         return
-    iop, sol = solve_within_budget(lambda e: build_problem(sgraph, ties, budget, exact_copies=e), IlpOptions())
+    iop, sol = _fit(sgraph, ties, budget)
     assert peak_memory(iop, sol.choice) <= budget
     assert sol.objective == pytest.approx(exact_sol.objective, rel=1e-6)
 
@@ -63,7 +69,7 @@ def test_relaxed_plan_over_budget_is_solved_again(mlp, caplog):
     first = solve(relaxed.problem)
     assert first.peak_memory <= budget < peak_memory(relaxed, first.choice)  # the relaxation misses copies
     with caplog.at_level(logging.INFO, logger="alpa_lite.fit"), pytest.raises(InfeasibleError):
-        solve_within_budget(lambda e: build_problem(sgraph, ties, budget, exact_copies=e), IlpOptions())
+        _fit(sgraph, ties, budget)
     assert "solving again with the ILP's budget" in caplog.text
     assert "solving the exact model" in caplog.text
 
@@ -77,3 +83,37 @@ def test_planner_never_returns_a_plan_over_budget(budget, mlp):
         assert "no plan fits the memory budget" in str(e)
         return
     assert plan.cost.peak_memory_bytes <= budget
+
+
+def test_profile_is_the_sum_over_each_points_live_set(mlp):
+    """``memory_profile`` (prefix sums over intervals) against the ILP's own rows, listed at every
+    point: with no copies or held buffers binding, the two agree at every point."""
+    _, _, sgraph, ties = mlp
+    iop = build_problem(sgraph, ties, None, all_rows=True)
+    sol = solve(iop.problem)
+    profile = memory_profile(iop, sol.choice)
+    rows = iop.liveness.rows(range(iop.liveness.num_points))
+    by_rows = np.array([sum(float(iop.problem.memory[v][sol.choice[v]]) for v in r) for r in rows])
+    extra = profile - by_rows  # copies and held buffers: never negative
+    assert (extra >= -1e-6).all()
+    assert peak_memory(iop, sol.choice) == pytest.approx(profile.max())
+    assert sol.peak_memory == pytest.approx(by_rows.max())
+
+
+@pytest.mark.parametrize("seed", ["peaks", "first point"])
+@pytest.mark.parametrize("budget", [268_000.0, 3.0e5])
+def test_lazy_rows_give_the_optimum_of_all_rows(budget, seed, mlp, monkeypatch, caplog):
+    """Rows listed lazily (forced here by ``LAZY_ROWS = 0``), from the two peak points or from a
+    useless first row (then rows must be added), end at a plan that fits and costs what the plan
+    with every row listed costs."""
+    _, _, sgraph, ties = mlp
+    full_iop, full = _fit(sgraph, ties, budget)
+    monkeypatch.setattr(intra_op, "LAZY_ROWS", 0)
+    if seed == "first point":
+        monkeypatch.setattr(intra_op, "_seed_rows", lambda top, low: [0])
+    with caplog.at_level(logging.INFO, logger="alpa_lite.fit"):
+        iop, sol = _fit(sgraph, ties, budget)
+    assert len(iop.rows) < iop.liveness.num_points  # not every row listed
+    assert ("rows added" in caplog.text) == (seed == "first point" and budget < 268_568)
+    assert peak_memory(iop, sol.choice) <= budget
+    assert sol.objective == pytest.approx(full.objective, rel=1e-6)
