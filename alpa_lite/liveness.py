@@ -58,28 +58,22 @@ class Liveness:
         def span(start: int, stop: int) -> tuple[int, int]:  # op indices [start, stop) → points
             return bisect.bisect_left(points, start), bisect.bisect_left(points, stop)
 
-        ids, a, b, is_op = [], [], [], []
-        for op in g.ops:
-            if op.outputs and op.index in kept:
-                lo, hi = span(op.index, until[op.index] + 1)
-                ids.append(op.index), a.append(lo), b.append(hi), is_op.append(True)
-        ca, cb = [], []
-        for c in copies:
-            lo, hi = span(c.points.start, c.points.stop)
-            ca.append(lo), cb.append(hi)
-            if c.node >= 0:
-                ids.append(c.node), a.append(lo), b.append(hi), is_op.append(False)
-            if c.transient_node >= 0 and lo < hi:
-                ids.append(c.transient_node), a.append(lo), b.append(lo + 1), is_op.append(False)
-        ha, hb = [], []
-        for h in held:
-            lo, hi = span(h.points.start, h.points.stop)
-            ha.append(lo), hb.append(hi)
-            if h.node >= 0:
-                ids.append(h.node), a.append(lo), b.append(hi), is_op.append(False)
-        arr = (lambda x: np.asarray(x, dtype=np.int64))
-        return Liveness(arr(points), arr(ids), arr(a), arr(b), np.asarray(is_op, bool), arr(ca), arr(cb),
-                        arr(ha), arr(hb))
+        items = [(op.index, *span(op.index, until[op.index] + 1), True)  # (node, a, b, an op output?)
+                 for op in g.ops if op.outputs and op.index in kept]
+
+        def spans(buffers: Sequence) -> list[tuple[int, int]]:  # copies or held buffers, and their nodes
+            out = [span(x.points.start, x.points.stop) for x in buffers]
+            items.extend((x.node, lo, hi, False) for x, (lo, hi) in zip(buffers, out, strict=True) if x.node >= 0)
+            return out
+
+        cs, hs = spans(copies), spans(held)
+        items.extend((c.transient_node, lo, lo + 1, False) for c, (lo, hi) in zip(copies, cs, strict=True)
+                     if c.transient_node >= 0 and lo < hi)
+        ids, a, b, is_op = (list(x) for x in zip(*items, strict=True)) if items else ([], [], [], [])
+        arr = (lambda x: np.asarray(x, dtype=np.int64).reshape(-1))
+        return Liveness(arr(points), arr(ids), arr(a), arr(b), np.asarray(is_op, bool),
+                        arr([lo for lo, _ in cs]), arr([hi for _, hi in cs]),
+                        arr([lo for lo, _ in hs]), arr([hi for _, hi in hs]))
 
     @property
     def num_points(self) -> int:

@@ -320,3 +320,25 @@ def test_fit_leaves_out_non_positive_timings_with_a_warning():
     with pytest.warns(UserWarning, match="1 of 4 collective timings"):
         fit = fit_samples([*good, bad])
     assert fit.alpha == pytest.approx(alpha, rel=1e-6) and fit.beta == pytest.approx(beta, rel=1e-6)
+
+
+def test_noisy_axis_is_timed_again_with_more_repeats(monkeypatch):
+    """Times that shrink with the message size (a busy machine) are timed again with twice the
+    repeats; the calibration then fits, and says so in its notes."""
+    import alpa_lite.calibrate as cal
+
+    calls = []
+
+    def fake(mesh, kind, axis, nbytes, opts):
+        calls.append(opts.repeats)
+        noisy = opts.repeats == CalibrationOptions.quick().repeats
+        seconds = (1e-3 - nbytes * 1e-11) if noisy else (1e-5 + nbytes * 1e-9)
+        return cal.Sample(kind, axis, mesh.shape[axis], float(nbytes), seconds)
+
+    monkeypatch.setattr(cal, "time_collective", fake)
+    result = cal.calibrate(make_mesh((2, 4)), CalibrationOptions.quick())
+    quick = CalibrationOptions.quick().repeats
+    assert set(calls) == {quick, 2 * quick}
+    assert all(s.seconds == pytest.approx(1e-5 + s.nbytes * 1e-9) for s in result.samples)  # the retimed ones
+    assert set(result.axis_fits) == {"x", "y"} and all(f.beta > 0 for f in result.axis_fits.values())
+    assert any("timed again with" in n for n in result.notes)
