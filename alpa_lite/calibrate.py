@@ -330,8 +330,9 @@ RETIMES = 2
 
 
 def _fits(samples: Sequence[Sample]) -> bool:
+    """Whether one axis's samples give it a link (``fit_samples``, as ``fit_axes`` fits it)."""
     try:
-        fit_axes(samples)
+        fit_samples(samples)
     except CalibrationError:
         return False
     return True

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 
 from alpa_lite.errors import InfeasibleError
-from alpa_lite.intra_op import IntraOpProblem, memory_profile, relaxed_profile
+from alpa_lite.intra_op import IntraOpProblem, memory_profile
 from ilp import IlpOptions, IlpSolution
 from ilp.solver import solve
 
@@ -75,7 +75,7 @@ def solve_within_budget(build: Callable[[bool], IntraOpProblem], options: IlpOpt
             return iop, sol
         # Rows cut this plan off only where its relaxed bytes (what a row would charge) pass the
         # ILP's budget; elsewhere only the copies' exact bytes do (step 2).
-        unlisted = relaxed_profile(iop, sol.choice)
+        unlisted = memory_profile(iop, sol.choice, exact=False)
         unlisted[list(iop.rows)] = -np.inf
         new = iop.liveness.peaks(unlisted, target, ROWS_PER_ROUND)
         if new and added < ROW_ROUNDS:

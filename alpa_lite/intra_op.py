@@ -15,7 +15,7 @@ a plan passes the budget.
 A copy's bytes depend on the strategies at *both* ends of its edge (none when the producer
 already gives the reader's spec), which a node's memory cannot say. When no plan could pass the
 memory budget (every node at its largest strategy, every copy at its largest, at every program
-point: ``_top_profile``) the solver drops the memory rows anyway, and copies get no nodes: nothing
+point: ``_bound_profile``) the solver drops the memory rows anyway, and copies get no nodes: nothing
 is added to the ILP. Otherwise each copy gets a node alive over the copy's own points
 (``_copy_nodes``). By default that node is a follower of its reader (one strategy per reader
 strategy, tied by a zero-cost diagonal edge and listed in ``follow``, so merging folds it in: no
@@ -25,8 +25,8 @@ from its forward read, and least bytes, zero where the weight could be replicate
 of 116 on a 96-layer GPT on 64 GPUs; exact nodes for them cost 146 → 186 tied classes): exact
 when the bytes do not depend on the producer (a baseline's fixed inputs: ZeRO-3's gathered
 weights), a lower bound otherwise, so the ILP's memory rows are a relaxation and the plan's
-exact peak (``peak_memory``) is checked after the solve (``alpa_lite.fit``: the budget given to
-the ILP is lowered by what the relaxation missed, and the plan solved again). With
+exact peak (``peak_memory``) is checked after the solve (``alpa_lite.fit``: rows added, or the
+ILP's budget lowered by what the relaxation missed, and the plan solved again). With
 ``exact_copies=True`` a copy whose bytes depend on the producer gets a node whose states are the
 (reader class, bytes) pairs the copy can take, tied to both ends (``_exact_copy_nodes``): exact,
 at the price of variables of its own and of breaking the ties between identical layers (on the
@@ -125,7 +125,7 @@ class IntraOpProblem:
     ties: Mapping[int, int]  # flat output position → flat input position
     copies: tuple[OperandCopy, ...] = ()
     held: tuple[Held, ...] = ()
-    liveness: Liveness | None = None  # when everything is alive (``alpa_lite.liveness``)
+    liveness: Liveness | None = None  # when each buffer is alive (``alpa_lite.liveness``)
     rows: tuple[int, ...] = ()  # the points whose live sets are the problem's memory rows
 
     def with_rows(self, points: Iterable[int], budget: float | None) -> IntraOpProblem:
@@ -191,16 +191,16 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
     held += _combined_reductions(sgraph, until, tail)
     copies = list(_operand_copies(sgraph, kept, until, tail))
     liveness = Liveness.of(g, kept, until, copies, held)
-    top = _top_profile(liveness, nodes, copies, held)
+    top = _bound_profile(liveness, nodes, copies, held)
     if memory_budget is not None and top.max(initial=0.0) > memory_budget:  # the budget can bind
         held = [replace(h, node=nodes.follower(h.op, h.nbytes, h.what)) for h in held]
         copies = _copy_nodes(g, nodes, copies, exact_copies)
-        liveness = Liveness.of(g, kept, until, copies, held)
+        liveness = liveness.with_nodes(copies, held)
     points = range(liveness.num_points)
     if not all_rows and liveness.size() > LAZY_ROWS:
         # Too many to list: rows where the plan of largest and of least bytes peak; the rest are
         # added where a plan passes the budget (``alpa_lite.fit``).
-        points = _seed_rows(top, _top_profile(liveness, nodes, copies, held, np.min))
+        points = _seed_rows(top, _bound_profile(liveness, nodes, copies, held, least=True))
     follow = nodes.follow
     live = _distinct(liveness.rows(points))
     problem = IlpProblem(tuple(node_costs), tuple(edges), tuple(memory), live, memory_budget,
@@ -238,24 +238,23 @@ class _Nodes:
         return node
 
 
-def _top_profile(liveness: Liveness, nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held],
-                 pick=np.max) -> np.ndarray:
-    """Bytes at every point with every op output, copy and held buffer at its largest (``pick``:
-    np.min for the least) over allowed strategies. Where no point's largest passes the budget
-    it cannot bind: the solver drops the memory rows (``ilp.model.binding_rows``), and copies
-    and held buffers need no nodes (``peak_memory`` counts them for the report)."""
-    def most(m: np.ndarray, c: np.ndarray) -> float:
-        allowed = np.isfinite(c)
-        return float(pick(m[allowed])) if allowed.any() else 0.0
+def _bound_profile(liveness: Liveness, nodes: _Nodes, copies: Sequence[OperandCopy], held: Sequence[Held],
+                   least: bool = False) -> np.ndarray:
+    """Bytes at every point with every op output, copy and held buffer at its largest (``least``:
+    its least) over allowed strategies. Where no point's largest passes the budget it cannot
+    bind: the solver drops the memory rows (``ilp.model.binding_rows``), and copies and held
+    buffers need no nodes (``peak_memory`` counts them for the report)."""
+    pick = np.min if least else np.max
 
-    ops = liveness.node_ids[liveness.op_items]
-    node_bytes = np.zeros(len(liveness.node_ids))
-    node_bytes[liveness.op_items] = [most(nodes.memory[v], nodes.costs[v]) for v in ops]
-    low = pick is np.min
-    return liveness.profile(node_bytes,
-                            [float(c.nbytes.min() if low else c.nbytes.max()) for c in copies],
-                            [float(c.transient.min() if low else c.transient.max()) for c in copies],
-                            [float(h.nbytes.min() if low else h.nbytes.max()) for h in held])
+    def bound(m: np.ndarray, allowed: np.ndarray | None = None) -> float:
+        m = m if allowed is None else m[allowed]
+        return float(pick(m)) if m.size else 0.0
+
+    node_bytes = np.zeros(len(liveness.node_ids))  # copy and held nodes: their buffers below
+    node_bytes[liveness.op_items] = [bound(nodes.memory[v], np.isfinite(nodes.costs[v]))
+                                     for v in liveness.node_ids[liveness.op_items]]
+    return liveness.profile(node_bytes, [bound(c.nbytes) for c in copies],
+                            [bound(c.transient) for c in copies], [bound(h.nbytes) for h in held])
 
 
 def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_copies: bool) -> list[OperandCopy]:
@@ -411,22 +410,18 @@ def peak_memory(iop: IntraOpProblem, choice: Sequence[int], ops: range | None = 
     return float(prof.max(initial=0.0))
 
 
-def relaxed_profile(iop: IntraOpProblem, choice: Sequence[int]) -> np.ndarray:
-    """Bytes at every point of a full choice as the ILP's rows count them (copy and held nodes
-    at their memory in the problem: copies at their least bytes)."""
-    lv, memory = iop.liveness, iop.problem.memory
-    node_bytes = np.array([float(memory[v][choice[v]]) for v in lv.node_ids.tolist()])
-    return lv.profile(node_bytes, np.zeros(len(lv.copy_a)), np.zeros(len(lv.copy_a)), np.zeros(len(lv.held_a)))
-
-
-def memory_profile(iop: IntraOpProblem, choice: Sequence[int], inputs: bool = True) -> np.ndarray:
+def memory_profile(iop: IntraOpProblem, choice: Sequence[int], inputs: bool = True,
+                   exact: bool = True) -> np.ndarray:
     """Bytes per device at every program point (``alpa_lite.liveness``) of a full choice, every
-    copy and held buffer charged exactly."""
+    copy and held buffer charged exactly; ``exact=False``: as the ILP's rows count it (copy and
+    held nodes at their memory in the problem: copies at their least bytes)."""
     pb, g, lv = iop.problem, iop.sgraph.graph, iop.liveness
     skip = set() if inputs else {g.producer[t] for t in g.inputs}
+    counted = lv.op_items if exact else np.ones(len(lv.node_ids), bool)
     node_bytes = np.zeros(len(lv.node_ids))
-    node_bytes[lv.op_items] = [0.0 if v in skip else float(pb.memory[v][choice[v]])
-                               for v in lv.node_ids[lv.op_items].tolist()]
+    node_bytes[counted] = [0.0 if v in skip else float(pb.memory[v][choice[v]]) for v in lv.node_ids[counted].tolist()]
+    if not exact:
+        return lv.profile(node_bytes, np.zeros(len(lv.copy_a)), np.zeros(len(lv.copy_a)), np.zeros(len(lv.held_a)))
     copies = [(float(c.nbytes[choice[c.src], choice[c.dst]]), float(c.transient[choice[c.src], choice[c.dst]]))
               for c in iop.copies]
     return lv.profile(node_bytes, [c[0] for c in copies], [c[1] for c in copies],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -51,29 +51,35 @@ class Liveness:
 
     @staticmethod
     def of(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: Sequence, held: Sequence) -> Liveness:
-        """From the ops XLA keeps (``kept``), when each dies (``until``), the copies and held
-        buffers (with their nodes, -1 for none)."""
+        """From the ops XLA keeps (``kept``), when each dies (``until``), and the copies and held
+        buffers; their nodes, once they have them, come with ``with_nodes``."""
         points = [op.index for op in g.ops if op.kind not in ("parameter", "constant")]
 
         def span(start: int, stop: int) -> tuple[int, int]:  # op indices [start, stop) → points
             return bisect.bisect_left(points, start), bisect.bisect_left(points, stop)
 
-        items = [(op.index, *span(op.index, until[op.index] + 1), True)  # (node, a, b, an op output?)
-                 for op in g.ops if op.outputs and op.index in kept]
+        ops = [op.index for op in g.ops if op.outputs and op.index in kept]
+        ab = np.array([span(v, until[v] + 1) for v in ops], dtype=np.int64).reshape(-1, 2)
+        cs = np.array([span(c.points.start, c.points.stop) for c in copies], dtype=np.int64).reshape(-1, 2)
+        hs = np.array([span(h.points.start, h.points.stop) for h in held], dtype=np.int64).reshape(-1, 2)
+        return Liveness(np.asarray(points, dtype=np.int64), np.asarray(ops, dtype=np.int64), ab[:, 0], ab[:, 1],
+                        np.ones(len(ops), bool), cs[:, 0], cs[:, 1], hs[:, 0], hs[:, 1])
 
-        def spans(buffers: Sequence) -> list[tuple[int, int]]:  # copies or held buffers, and their nodes
-            out = [span(x.points.start, x.points.stop) for x in buffers]
-            items.extend((x.node, lo, hi, False) for x, (lo, hi) in zip(buffers, out, strict=True) if x.node >= 0)
-            return out
-
-        cs, hs = spans(copies), spans(held)
-        items.extend((c.transient_node, lo, lo + 1, False) for c, (lo, hi) in zip(copies, cs, strict=True)
-                     if c.transient_node >= 0 and lo < hi)
-        ids, a, b, is_op = (list(x) for x in zip(*items, strict=True)) if items else ([], [], [], [])
-        arr = (lambda x: np.asarray(x, dtype=np.int64).reshape(-1))
-        return Liveness(arr(points), arr(ids), arr(a), arr(b), np.asarray(is_op, bool),
-                        arr([lo for lo, _ in cs]), arr([hi for _, hi in cs]),
-                        arr([lo for lo, _ in hs]), arr([hi for _, hi in hs]))
+    def with_nodes(self, copies: Sequence, held: Sequence) -> Liveness:
+        """With the ILP nodes of copies (alive over the copy; its transient's at its first
+        point) and held buffers (-1: none), for the same copies and held buffers as ``of``."""
+        ids, a, b = [self.node_ids], [self.node_a], [self.node_b]
+        for nodes, lo, hi in (([c.node for c in copies], self.copy_a, self.copy_b),
+                              ([c.transient_node for c in copies], self.copy_a,
+                               np.where(self.copy_a < self.copy_b, self.copy_a + 1, self.copy_a)),
+                              ([h.node for h in held], self.held_a, self.held_b)):
+            nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+            some = (nodes >= 0) & (lo < hi)
+            ids.append(nodes[some]), a.append(lo[some]), b.append(hi[some])
+        ops = np.zeros(sum(len(x) for x in ids), bool)
+        ops[:len(self.node_ids)] = self.op_items
+        return replace(self, node_ids=np.concatenate(ids), node_a=np.concatenate(a), node_b=np.concatenate(b),
+                       op_items=ops)
 
     @property
     def num_points(self) -> int:
