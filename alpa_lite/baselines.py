@@ -88,20 +88,20 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
     for i in batch_inputs:
         t = tensors[graph.inputs[i]]
         specs[i] = _split_dim(t, 0, dp_axes, sizes) if t.rank else ShardingSpec(())
+    wanted = [i for i in batch_inputs if dp_axes]  # the inputs the method splits
     order = _weight_order(graph, [state_groups.get(i, i) for i in state_inputs])
     for i in state_inputs:
         t = tensors[graph.inputs[i]]
         if method == "zero3":
             specs[i] = _largest_dim_split(t, axes, sizes)
+            wanted.append(i)
         elif tp_axes and graph.inputs[state_groups.get(i, i)] in order:
             k = order.index(graph.inputs[state_groups.get(i, i)])
             specs[i] = _split_dim(t, t.rank - 1 if k % 2 == 0 else 0, tp_axes, sizes)
+            wanted.append(i)
         else:
             specs[i] = ShardingSpec.replicated(t.rank)
     if unsplit is not None:
-        wanted = [i for i in batch_inputs if dp_axes] + [
-            i for i in state_inputs
-            if method == "zero3" or (tp_axes and graph.inputs[state_groups.get(i, i)] in order)]
         unsplit.extend(
             f"{method}: input {i} {tensors[graph.inputs[i]].dtype}{list(tensors[graph.inputs[i]].shape)} "
             f"does not divide where {method} splits it (mesh axes {dict(sizes)}): left replicated"

@@ -14,6 +14,11 @@ from typing import Any
 from alpa_lite.hlo_stats import CompiledStats, stats_of
 
 
+def relative_error(predicted: float, compiled: float) -> float:
+    """|predicted − compiled| / compiled, compiled counted as at least 1 byte."""
+    return abs(predicted - compiled) / max(compiled, 1.0)
+
+
 @dataclass(frozen=True)
 class KindRow:
     kind: str
@@ -24,8 +29,7 @@ class KindRow:
 
     @property
     def relative_error(self) -> float:
-        return abs(self.predicted_wire_bytes - self.compiled_wire_bytes) / max(
-            self.compiled_wire_bytes, 1.0)
+        return relative_error(self.predicted_wire_bytes, self.compiled_wire_bytes)
 
 
 class WireTotals:
@@ -42,8 +46,7 @@ class WireTotals:
     @property
     def wire_error(self) -> float:
         """|predicted − compiled| / compiled (compiled at least 1 byte)."""
-        return abs(self.predicted_wire_bytes - self.compiled_wire_bytes) / max(
-            self.compiled_wire_bytes, 1.0)
+        return relative_error(self.predicted_wire_bytes, self.compiled_wire_bytes)
 
 
 @dataclass(frozen=True)

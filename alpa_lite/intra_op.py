@@ -39,7 +39,7 @@ its choice makes (``peak_memory`` scores a full choice exactly; the plan reports
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -50,7 +50,15 @@ from alpa_lite.graph import OpGraph
 from alpa_lite.liveness import Liveness
 from alpa_lite.specs import ShardingSpec
 from cost_model.builder import StrategyGraph
-from cost_model.memory import absorbs_layout, copy_bytes, fuses_operands, live_until, loop_fusible, materialised
+from cost_model.memory import (
+    absorbs_layout,
+    copy_bytes,
+    fuses_operands,
+    live_until,
+    local_bytes,
+    loop_fusible,
+    materialised,
+)
 from cost_model.resharding import reshard, resharding_matrix
 from ilp import Edge, IlpProblem
 
@@ -300,12 +308,12 @@ def _exact_copy_nodes(nodes: _Nodes, c: OperandCopy, with_transient: bool, name:
     pairs = np.stack([c.nbytes, c.transient], axis=-1)  # [i, j, 2]
     cls: dict[bytes, int] = {}
     col_class = [cls.setdefault(pairs[allowed, j].tobytes(), len(cls)) for j in range(pairs.shape[1])]
-    states: list[tuple[int, float, float]] = []
+    index: dict[tuple[int, float, float], int] = {}  # state → its number, in order of first sight
+    hits = []  # (producer strategy, state) pairs that occur
     for j, d in enumerate(col_class):
         for i in allowed:
-            state = (d, float(pairs[i, j, 0]), float(pairs[i, j, 1]))
-            if state not in states:
-                states.append(state)
+            hits.append((i, index.setdefault((d, float(pairs[i, j, 0]), float(pairs[i, j, 1])), len(index))))
+    states = list(index)
     n = len(states)
     node = len(nodes.costs)
     nodes.costs.append(np.zeros(n))
@@ -313,11 +321,8 @@ def _exact_copy_nodes(nodes: _Nodes, c: OperandCopy, with_transient: bool, name:
     nodes.names.append(f"copy {name}")
     to_dst = np.array([[0.0 if col_class[j] == d else np.inf for d, _, _ in states] for j in range(len(col_class))])
     to_src = np.full((pairs.shape[0], n), np.inf)
-    for i in allowed:
-        for k, (d, b, t) in enumerate(states):
-            j = col_class.index(d)
-            if (float(pairs[i, j, 0]), float(pairs[i, j, 1])) == (b, t):
-                to_src[i, k] = 0.0
+    for i, k in hits:
+        to_src[i, k] = 0.0
     nodes.edges.append(Edge(c.dst, node, to_dst))
     nodes.edges.append(Edge(c.src, node, to_src))
     transient = np.array([t for _, _, t in states])
@@ -345,7 +350,7 @@ def _combined_reductions(sgraph: StrategyGraph, until: Sequence[int], tail: froz
     last, held = max(outs), []
     for src, ks in outs.items():
         ts = {k: g.tensors[g.ops[src].outputs[k]] for k in ks}
-        partial = np.array([sum(math.prod(s.out_specs[k].local_shape(t.shape, sizes)) * t.itemsize
+        partial = np.array([sum(local_bytes(t, s.out_specs[k], sizes)
                                 for k, t in ts.items() if s.out_specs[k].is_partial) for s in strats[src]], dtype=float)
         if not partial.any():
             continue
@@ -383,10 +388,12 @@ def update_tail(g: OpGraph, ties: Mapping[int, int]) -> frozenset[int]:
     return frozenset(tail)
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _combined_alpha(srcs: tuple[ShardingSpec, ...], dsts: tuple[ShardingSpec, ...], tensor,
                     cluster) -> np.ndarray:
     """``α[i, j]``: the latency of the reductions (all-reduce, reduce-scatter) on the path from
-    ``srcs[i]`` to ``dsts[j]``, which XLA combines when the reader is in the update tail."""
+    ``srcs[i]`` to ``dsts[j]``, which XLA combines when the reader is in the update tail;
+    memoised like ``resharding_matrix`` (identical layers ask the same), so read-only."""
     out = np.zeros((len(srcs), len(dsts)))
     for i, src in enumerate(srcs):
         if not src.is_partial:
@@ -395,6 +402,7 @@ def _combined_alpha(srcs: tuple[ShardingSpec, ...], dsts: tuple[ShardingSpec, ..
             for c in reshard(src, dst, tensor, cluster)[1]:
                 if c.kind in ("all-reduce", "reduce-scatter"):
                     out[i, j] += cluster.alpha(c.axes)
+    out.setflags(write=False)  # every caller of the cache shares it
     return out
 
 
@@ -475,8 +483,7 @@ def _operand_copies(sgraph: StrategyGraph, kept: frozenset[int], until: Sequence
             if src in kept and g.ops[src].kind != "parameter" and u == readers[-1] and until[src] == end:
                 # The copy takes the place of its source, which dies once copied: both are alive
                 # while it is made (the transient), then only what the copy adds counts.
-                have = [float(math.prod(spec.local_shape(g.tensors[t].shape, cluster.axis_sizes)))
-                        * g.tensors[t].itemsize for spec in src_specs]
+                have = [local_bytes(g.tensors[t], spec, cluster.axis_sizes) for spec in src_specs]
                 grown = np.maximum(nbytes - np.array(have)[:, None], 0.0)
                 transient, nbytes = transient + nbytes - grown, grown
             if nbytes.any() or transient.any():

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from alpa_lite.check import KindRow, WireTotals
+from alpa_lite.check import KindRow, WireTotals, relative_error
 from alpa_lite.hlo_stats import CompiledStats, stats_of
 from alpa_lite.pipeline_update import Segment
 
@@ -59,7 +59,7 @@ class StageCheck:
 
     @property
     def wire_error(self) -> float:
-        return abs(self.predicted_wire_bytes - self.compiled_wire_bytes) / max(self.compiled_wire_bytes, 1.0)
+        return relative_error(self.predicted_wire_bytes, self.compiled_wire_bytes)
 
     @property
     def wire_ok(self) -> bool:

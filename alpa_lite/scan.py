@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +52,7 @@ from alpa_lite.intra_op import IntraOpProblem, build_problem, peak_memory
 from alpa_lite.specs import ShardingSpec, enumerate_specs
 from alpa_lite.tracer import _Builder, _walk
 from cost_model.builder import StrategyGraph, build_strategies
+from cost_model.memory import local_bytes
 from cost_model.registry import register_strategy
 from cost_model.resharding import reshard
 from cost_model.strategy import Collective, Strategy
@@ -383,7 +383,7 @@ def _grad_pairs(g: OpGraph, fwd: Op, bwd: Op) -> tuple[tuple[int, int], ...]:
 def _as_strategy(bp: BodyPlan, outs: Sequence[TensorInfo], sizes: Any) -> Strategy:
     """The scan op's strategy of a body solution, its memory the results in their specs."""
     s = bp.strategy
-    memory = sum(math.prod(spec.local_shape(t.shape, sizes)) * t.itemsize for t, spec in zip(outs, s.out_specs))
+    memory = sum(local_bytes(t, spec, sizes) for t, spec in zip(outs, s.out_specs))
     return replace(s, memory_bytes=float(memory))
 
 

@@ -173,18 +173,18 @@ def copy_bytes(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo, cluster
     upcast = itemsize != tensor.itemsize and not fused_reader
     sizes = cluster.axis_sizes
     if src == dst:
-        return (_local_bytes(tensor, dst, sizes, itemsize) if upcast else 0.0), 0.0
+        return (local_bytes(tensor, dst, sizes, itemsize) if upcast else 0.0), 0.0
     steps = reshard_path(src, dst, tensor, cluster)
     colls = [s.collective for s in steps if s.collective is not None]
     if not colls and fused_reader:
         return 0.0, 0.0
     if not colls and not upcast:
         itemsize = tensor.itemsize  # a local slice keeps the dtype
-    out = _local_bytes(tensor, dst, sizes, itemsize)
+    out = local_bytes(tensor, dst, sizes, itemsize)
     transient, before = 0.0, src
     for k, step in enumerate(steps):
         c = step.collective
-        made = _local_bytes(tensor, step.spec, sizes, itemsize)
+        made = local_bytes(tensor, step.spec, sizes, itemsize)
         if c is not None and c.nbytes > made:  # a reduce-scatter run as an all-reduce, then sliced
             transient = max(transient, c.nbytes)
         if k < len(steps) - 1:  # a step's result is alive until the next step has made its own
@@ -193,10 +193,11 @@ def copy_bytes(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo, cluster
             local = step.spec.local_shape(tensor.shape, sizes)
             gathered = [d for d in range(tensor.rank) if len(step.spec.dims[d]) < len(before.dims[d])]
             if any(n > 1 for n in local[:min(gathered, default=0)]):
-                transient = max(transient, _local_bytes(tensor, step.spec, sizes, itemsize))
+                transient = max(transient, local_bytes(tensor, step.spec, sizes, itemsize))
         before = step.spec
     return out, transient
 
 
-def _local_bytes(t: TensorInfo, spec: ShardingSpec, sizes: dict[str, int], itemsize: int) -> float:
-    return float(math.prod(spec.local_shape(t.shape, sizes)) * itemsize)
+def local_bytes(t: TensorInfo, spec: ShardingSpec, sizes: dict[str, int], itemsize: int | None = None) -> float:
+    """Bytes of one device's slice of ``t`` laid out as ``spec`` (``itemsize``: t's own by default)."""
+    return float(math.prod(spec.local_shape(t.shape, sizes)) * (t.itemsize if itemsize is None else itemsize))
