@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from alpa_lite.errors import MeshError
+from alpa_lite.hashing import cached_hash
 
 GB = 1e9
 GiB = 2**30
@@ -60,6 +61,7 @@ _PRESETS: dict[str, tuple[DeviceModel, Link, Link, int, bool]] = {
 }
 
 
+@cached_hash
 @dataclass(frozen=True)
 class ClusterSpec:
     mesh_shape: tuple[int, ...]

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from alpa_lite.hashing import cached_hash
 from alpa_lite.specs import ShardingSpec
 
 
+@cached_hash
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from jax.sharding import PartitionSpec
 
 from alpa_lite.errors import ShardingError
+from alpa_lite.hashing import cached_hash
 
 AxisSizes = Mapping[str, int]
 
 
+@cached_hash
 @dataclass(frozen=True, order=True)
 class ShardingSpec:
     dims: tuple[tuple[str, ...], ...]

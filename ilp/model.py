@@ -135,22 +135,29 @@ def add_strategy_vars(model: Model, costs: dict[int, np.ndarray]) -> None:
 
 def add_edge_vars(model: Model, a: int, b: int, matrix: np.ndarray) -> None:
     """e_ab[i,j] ∈ {0, 1} for the allowed pairs only (R[i,j] < inf; ``simplify`` has set R to
-    inf where an end is forbidden), with
-    Σ_j e_ab[i,j] ≤ s_a[i] ∀i,  Σ_i e_ab[i,j] ≤ s_b[j] ∀j,  Σ_ij e_ab[i,j] = 1."""
+    inf where an end is forbidden), with the marginals as equalities:
+    Σ_j e_ab[i,j] = s_a[i] ∀i,  Σ_i e_ab[i,j] = s_b[j] ∀j  (so Σ_ij e_ab[i,j] = 1).
+
+    Equalities, not ``≤ s`` with an exactly-one over the pairs (equivalent for integer and for
+    fractional points): CP-SAT's presolve turns the ``≤`` form into at-most-one clauses whose
+    linear relaxation it builds up lazily, and its bound then starts far below the optimum.
+    Measured with one worker (ortools 9.15) on the tied model of a 96-layer hidden-8192 GPT on
+    64 GPUs (189 nodes, 55k variables, 22 memory rows): 34 s → 16 s, and 4.4 s with
+    ``add_lp_constraints_lazily=False`` (``ilp.solver._run``); without memory rows 20 s → 2.2 s.
+    HiGHS's LP of this form is 1e-9 from that model's optimum."""
     pairs = {
         (int(i), int(j)): model.cp.new_bool_var(f"e{a}_{b}_{i}_{j}")
         for i, j in np.argwhere(np.isfinite(matrix))
     }
-    rows: dict[int, list] = {}
-    cols: dict[int, list] = {}
+    rows: list[list] = [[] for _ in range(matrix.shape[0])]
+    cols: list[list] = [[] for _ in range(matrix.shape[1])]
     for (i, j), var in pairs.items():
-        rows.setdefault(i, []).append(var)
-        cols.setdefault(j, []).append(var)
-    for i, vars_ in rows.items():
-        model.cp.add(sum(vars_) <= model.s[a][i])
-    for j, vars_ in cols.items():
-        model.cp.add(sum(vars_) <= model.s[b][j])
-    model.cp.add_exactly_one(list(pairs.values()))
+        rows[i].append(var)
+        cols[j].append(var)
+    for i, vars_ in enumerate(rows):
+        model.cp.add(sum(vars_) == model.s[a][i])
+    for j, vars_ in enumerate(cols):
+        model.cp.add(sum(vars_) == model.s[b][j])
     model.e[(a, b)] = pairs
 
 

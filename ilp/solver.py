@@ -8,8 +8,7 @@ Variables (``ilp.model``)
 
 Constraints
     Σ_i s_v[i] = 1 for every node v;  s_v[i] = 0 where c_v[i] = inf   ``add_strategy_vars``
-    Σ_j e_vu[i,j] ≤ s_v[i] ∀i,  Σ_i e_vu[i,j] ≤ s_u[j] ∀j,
-    Σ_ij e_vu[i,j] = 1                                                ``add_edge_vars``
+    Σ_j e_vu[i,j] = s_v[i] ∀i,  Σ_i e_vu[i,j] = s_u[j] ∀j            ``add_edge_vars``
     Σ_{v live at t} Σ_i s_v[i]·m_v[i] ≤ M for every program point t
     (identical live sets once; sets that cannot exceed M dropped)     ``add_memory_limits``
 
@@ -235,6 +234,13 @@ def _run(model: Model, options: IlpOptions, time_limit_s: float):
     # probing (5 s).
     params.linearization_level = 2
     params.cp_model_probing_level = 0
+    # The whole linear relaxation from the start (the default adds constraints as they are
+    # violated): with the marginals as equalities (``ilp.model.add_edge_vars``) it is nearly
+    # integral on these models, and its bound proves the optimum soon after a plan is found.
+    # Measured with one worker on the 155 models the plan-quality configs solve (8 CPU devices
+    # and H100 costs, with and without a binding budget): the same optimum in every one, 2x4 GPT
+    # 8.0 s → 1.2 s; on a 96-layer hidden-8192 GPT on 64 GPUs 34 s → 4.4 s.
+    params.add_lp_constraints_lazily = False
     params.max_deterministic_time = deterministic_limit(options)
     if options.log_progress:
         params.log_search_progress = True

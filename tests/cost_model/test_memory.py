@@ -173,3 +173,26 @@ def test_exact_copy_nodes_give_the_exact_peak(method):
     sol = solve(iop.problem)
     assert sol.peak_memory == pytest.approx(peak_memory(iop, sol.choice))
     assert sol.peak_memory <= 3.0e5
+
+
+def test_copy_matrices_are_per_pair_copy_bytes_and_fresh_each_call():
+    """The memoised table (``intra_op._copy_table``, shared by identical layers) gives each
+    (producer, reader) strategy pair the sum of ``copy_bytes`` over the specs the reader wants,
+    and callers get arrays of their own: changing one must not change the next call's."""
+    from types import SimpleNamespace
+
+    from alpa_lite.intra_op import _copy_matrices
+
+    srcs = [S("[x,R]"), S("[R,y]"), S("[x,R]")]
+    readers = [SimpleNamespace(in_specs=specs) for specs in
+               [(S("[x,R]"), S("[x,R]")), (S("[R,R]"), S("[R,y]")), (S("[R,y]"), S("[R,R]"))]]
+    flags = (False, True)
+    nbytes, transient = _copy_matrices(srcs, readers, [0, 1], F32, CPU, flags)
+    for i, src in enumerate(srcs):
+        for j, r in enumerate(readers):
+            want = np.sum([copy_bytes(src, spec, F32, CPU, *flags) for spec in dict.fromkeys(r.in_specs)], axis=0)
+            assert (nbytes[i, j], transient[i, j]) == pytest.approx(tuple(want))
+    assert nbytes.any() and transient.any()  # a check on zeros alone would prove nothing
+    nbytes[:] = -1.0
+    again, _ = _copy_matrices(srcs, readers, [0, 1], F32, CPU, flags)
+    assert (again >= 0).all() and again.flags.writeable
