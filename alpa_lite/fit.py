@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -61,9 +62,10 @@ def solve_within_budget(build: Callable[[bool], IntraOpProblem], options: IlpOpt
     budget = iop.problem.memory_budget
     if budget is None or not math.isfinite(budget):
         return iop, solve(iop.problem, options)
-    target, lowered, added = budget, 0, 0
+    target, lowered, added, solves = budget, 0, 0, 0
     while True:
         try:
+            solves += 1
             sol = solve(iop.problem, options)
         except InfeasibleError:
             if target == budget:
@@ -72,7 +74,7 @@ def solve_within_budget(build: Callable[[bool], IntraOpProblem], options: IlpOpt
         profile = memory_profile(iop, sol.choice)
         peak = float(profile.max(initial=0.0))
         if peak <= budget:
-            return iop, sol
+            return iop, replace(sol, solves=solves)
         # Rows cut this plan off only where its relaxed bytes (what a row would charge) pass the
         # ILP's budget; elsewhere only the copies' exact bytes do (step 2).
         unlisted = memory_profile(iop, sol.choice, exact=False)
@@ -92,4 +94,4 @@ def solve_within_budget(build: Callable[[bool], IntraOpProblem], options: IlpOpt
                  "the ILP's budget at %.4g B", peak, budget, target)
         iop = iop.with_rows(iop.rows, target)
     log.info("no relaxed plan fits the budget with its copies; solving the exact model")
-    return (exact := build(True)), solve(exact.problem, options)
+    return (exact := build(True)), replace(solve(exact.problem, options), solves=solves + 1)

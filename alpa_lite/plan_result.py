@@ -151,6 +151,12 @@ class SolverInfo:
     variables: int
     constraints: int
     note: str = ""
+    # The model's size on the way (``ilp.solver``): ILP nodes (ops, output sinks, copies), leaders
+    # after follower merging, classes after tying identical layers (0: not tied); CP-SAT solves.
+    nodes: int = 0
+    leaders: int = 0
+    tied_classes: int = 0
+    solves: int = 1
 
 
 @dataclass(frozen=True, eq=False)

@@ -316,7 +316,8 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
     peak = peak_memory(iop, sol.choice)  # every resharded copy charged exactly (intra_op)
     cost = PlanCost(float(compute), float(comm), float(resh), peak)
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
-                        sol.num_variables, sol.num_constraints, note)
+                        sol.num_variables, sol.num_constraints, note, nodes=iop.problem.num_nodes,
+                        leaders=sol.leaders, tied_classes=sol.tied_classes or 0, solves=sol.solves)
     stage = StageInfo((0, max(g.num_layers - 1, 0)), tuple(cluster.mesh_shape),
                       tuple(range(cluster.num_devices)), cost.total_s, peak)
     warnings = tuple(f"no sharding rule for {p}: left to XLA, costed as replicated"

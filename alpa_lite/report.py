@@ -314,6 +314,10 @@ def solver_text(plan: Any) -> str:
     s = plan.solver
     text = (f"{s.status} · objective {fmt_s(s.objective)} · bound {fmt_s(s.bound)} · gap {s.gap:.2%} · "
             f"{s.variables} variables, {s.constraints} constraints · {s.wall_s:.2f} s")
+    if s.nodes:  # the model's size on the way (older plan files and pipelines do not say)
+        tied = f" → {s.tied_classes:,} tied classes" if s.tied_classes else ""
+        solves = f" · {s.solves} solves (memory budget)" if s.solves > 1 else ""
+        text += f" · {s.nodes:,} nodes → {s.leaders:,} after merging{tied}{solves}"
     return text + (f" ({s.note})" if s.note else "")
 
 

@@ -5,6 +5,11 @@ devices and on simulated clusters of H100s (AbstractMesh: lowered, never compile
     python bench/planning_time.py [--layers 12 24 48 96] [--devices 8 64 256] [--hidden 8192]
                                   [--num-stages 1] [--time-limit 600] [--batch B] [--json out.json]
     python bench/planning_time.py --smallest      # the smoke test
+
+Columns on the ILP's size: "ILP nodes" (ops, output sinks, resharded copies), "after merging"
+(leaders once followers are folded into them, ``ilp.merge``), "after tying" (classes once
+identical layers share one strategy, ``ilp.symmetry``; 0: not tied), "CP-SAT variables" (of the
+last solve), "solves" (the memory budget can take more than one, ``alpa_lite.fit``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import bench.common as common
 import jax
 
 import alpa_lite as al
+from alpa_lite.errors import InfeasibleError
 from examples.gpt import GPTConfig, abstract_example
 
 
@@ -27,7 +33,7 @@ def gpt_config(layers: int, hidden: int) -> GPTConfig:
 
 
 def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_limit: float,
-        flat: bool = False, batch: int | None = None) -> dict:
+        flat: bool = False, batch: int | None = None, compile_: bool = True) -> dict:
     cfg = gpt_config(layers, hidden)
     batch = batch or max(8, devices)
     fn, args = abstract_example(cfg, batch=batch)
@@ -39,13 +45,20 @@ def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_lim
         cluster = al.ClusterSpec.preset("dgx-h100", num_hosts=devices // 8)
         mesh = None
     t0 = time.perf_counter()
-    plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=num_stages, time_limit_s=time_limit)
+    try:
+        plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=num_stages, time_limit_s=time_limit)
+    except InfeasibleError as e:  # a row of its own: how long planning took to say so, and why
+        return dict(layers=layers, devices=devices, hidden=hidden, batch=batch,
+                    plan_s=time.perf_counter() - t0, status="INFEASIBLE", error=str(e), variables=0,
+                    stages=0, ops=0, ilp_nodes=0, leaders=0, tied_classes=0, solves=0)
     wall = time.perf_counter() - t0
     rec = dict(layers=layers, devices=devices, hidden=hidden, batch=batch, plan_s=wall, **plan.timings,
                status=plan.solver.status, variables=plan.solver.variables, stages=len(plan.stages),
+               ops=len(plan.op_kinds), ilp_nodes=plan.solver.nodes, leaders=plan.solver.leaders,
+               tied_classes=plan.solver.tied_classes, solves=plan.solver.solves,
                predicted_step_s=plan.cost.total_s)
     t1 = time.perf_counter()
-    if plan.pipeline is None and mesh is not None:
+    if plan.pipeline is None and mesh is not None and compile_:
         step = plan.compile(fn)
         lowered = step.jitted.lower(*args)
         rec["lower_s"] = time.perf_counter() - t1
@@ -55,19 +68,24 @@ def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_lim
 
 
 def run(layers: list[int], devices: list[int], hidden: int, num_stages: int | None, time_limit: float,
-        flat: bool = False, batch: int | None = None) -> dict:
+        flat: bool = False, batch: int | None = None, compile_: bool = True) -> dict:
     rows, recs = [], []
     for d in devices:
         for n in layers:
-            r = one(n, d, hidden, num_stages, time_limit, flat, batch)
+            r = one(n, d, hidden, num_stages, time_limit, flat, batch, compile_)
             recs.append(r)
             rows.append([n, d, hidden, f"{r['plan_s']:.2f}", f"{r.get('trace_s', 0):.2f}",
                          f"{r.get('strategies_s', 0):.2f}", f"{r.get('ilp_build_s', 0):.2f}",
-                         f"{r.get('ilp_solve_s', 0):.2f}", f"{r.get('dp_s', 0):.2f}", r["variables"],
+                         f"{r.get('ilp_solve_s', 0):.2f}", f"{r.get('dp_s', 0):.2f}", r["solves"],
+                         f"{r['ilp_nodes']:,}", f"{r['leaders']:,}", f"{r['tied_classes']:,}", f"{r['variables']:,}",
                          r["status"], r["stages"], f"{r.get('xla_compile_s', float('nan')):.2f}"])
     common.print_table(f"Planning time ({common.machine()})",
                        ["layers", "devices", "hidden", "plan s", "trace s", "strategies s", "ILP build s",
-                        "ILP solve s", "DP s", "ILP variables", "status", "stages", "XLA compile s"], rows)
+                        "ILP solve s", "DP s", "solves", "ILP nodes", "after merging", "after tying",
+                        "CP-SAT variables", "status", "stages", "XLA compile s"], rows)
+    for r in recs:
+        if "error" in r:
+            print(f"{r['layers']} layers on {r['devices']} devices, batch {r['batch']}: {r['error']}")
     return dict(rows=recs, machine=common.machine())
 
 
@@ -80,10 +98,13 @@ if __name__ == "__main__":
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--batch", type=int, default=None, help="global batch (default: max(8, devices))")
     ap.add_argument("--smallest", action="store_true", help="1 layer, hidden 64, a 1-D mesh of 8 (smoke test)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="plan only on real devices (XLA's compile of a 96-layer step needs more than 24 GB)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.smallest:
         out = run([1], [8], 64, 1, 60.0, flat=True)
     else:
-        out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit, batch=a.batch)
+        out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit, batch=a.batch,
+                  compile_=not a.no_compile)
     common.write_json(a.json, out)

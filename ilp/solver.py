@@ -237,9 +237,9 @@ def _run(model: Model, options: IlpOptions, time_limit_s: float):
     # The whole linear relaxation from the start (the default adds constraints as they are
     # violated): with the marginals as equalities (``ilp.model.add_edge_vars``) it is nearly
     # integral on these models, and its bound proves the optimum soon after a plan is found.
-    # Measured with one worker on the 155 models the plan-quality configs solve (8 CPU devices
-    # and H100 costs, with and without a binding budget): the same optimum in every one, 2x4 GPT
-    # 8.0 s → 1.2 s; on a 96-layer hidden-8192 GPT on 64 GPUs 34 s → 4.4 s.
+    # Measured with one worker on 135 models the plan-quality configs solve (8 CPU devices and
+    # H100 costs, with and without a binding budget): the same optimum in every one, 313 s → 113 s
+    # in all (2x4 GPT 8.0 s → 1.2 s); on a 96-layer hidden-8192 GPT on 64 GPUs 34 s → 4.4 s.
     params.add_lp_constraints_lazily = False
     params.max_deterministic_time = deterministic_limit(options)
     if options.log_progress:

@@ -117,3 +117,4 @@ def test_lazy_rows_give_the_optimum_of_all_rows(budget, seed, mlp, monkeypatch, 
     assert ("rows added" in caplog.text) == (seed == "first point" and budget < 268_568)
     assert peak_memory(iop, sol.choice) <= budget
     assert sol.objective == pytest.approx(full.objective, rel=1e-6)
+    assert sol.solves == 1 + caplog.text.count("rows added") + caplog.text.count("solving again")

@@ -52,6 +52,15 @@ def test_json_round_trip(planned):
     assert loaded.graph is None and loaded.mesh is None  # not saved
 
 
+def test_solver_info_gives_the_model_size_on_the_way(planned):
+    """Nodes (ops, sinks, copies) ≥ leaders after merging followers > 0; one solve without a
+    budget; the saved plan keeps them."""
+    s = planned.solver
+    assert s.nodes >= len(planned.op_kinds) and 0 < s.leaders < s.nodes
+    assert s.solves == 1 and s.variables > 0
+    assert al.Plan.from_json(planned.to_json()).solver == s
+
+
 def test_to_dict_is_plain_json(planned):
     d = planned.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -238,6 +247,7 @@ def test_summary_lists_every_input_and_solver_status(planned, mlp):
     _, args = mlp
     text = planned.summary()
     assert "OPTIMAL" in text
+    assert f"{planned.solver.nodes:,} nodes → {planned.solver.leaders:,} after merging" in " ".join(text.split())
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(list(args))]
     assert len(paths) == len(planned.input_specs)
     for path in paths:
