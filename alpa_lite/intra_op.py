@@ -34,7 +34,9 @@ at the price of variables of its own and of breaking the ties between identical 
 hidden-8192 GPT on 64 GPUs, 166 → 487 tied classes, from OPTIMAL in 25 s to no optimum in
 120 s): the last resort of ``alpa_lite.fit``. Transients of copies made at one point are made
 one after another; the ILP charges the one that can be largest, the plan's report the largest
-its choice makes (``peak_memory`` scores a full choice exactly; the plan reports that).
+its choice makes (``peak_memory`` scores a full choice exactly; the plan reports that). With
+``exact_copies`` every copy's transient has a node and a point where several are made has one
+row per transient (the largest passes the budget iff one of those rows does): exact.
 """
 
 from __future__ import annotations
@@ -287,7 +289,8 @@ def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_c
             biggest[first] = k
     copies = []
     for k, c in enumerate(found):
-        with_transient = biggest.get(_first_point(g, c.points)) == k
+        # Exact: every transient gets a node, and the rows take one at a time (``Liveness.rows``).
+        with_transient = exact_copies or biggest.get(_first_point(g, c.points)) == k
         name = f"of {g.ops[c.src]} for {g.ops[c.dst]}"
         if exact[k]:
             made = _exact_copy_nodes(nodes, c, with_transient, name)

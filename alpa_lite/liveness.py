@@ -48,6 +48,9 @@ class Liveness:
     copy_b: np.ndarray
     held_a: np.ndarray
     held_b: np.ndarray
+    # Per node item: a copy's transient node. Copies made at one point are made one after another,
+    # so a row takes one transient at a time (``rows``).
+    transient_items: np.ndarray | None = None
 
     @staticmethod
     def of(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: Sequence, held: Sequence) -> Liveness:
@@ -78,8 +81,11 @@ class Liveness:
             ids.append(nodes[some]), a.append(lo[some]), b.append(hi[some])
         ops = np.zeros(sum(len(x) for x in ids), bool)
         ops[:len(self.node_ids)] = self.op_items
+        transients = np.zeros(len(ops), bool)
+        start = len(ids[0]) + len(ids[1])
+        transients[start:start + len(ids[2])] = True
         return replace(self, node_ids=np.concatenate(ids), node_a=np.concatenate(a), node_b=np.concatenate(b),
-                       op_items=ops)
+                       op_items=ops, transient_items=transients)
 
     @property
     def num_points(self) -> int:
@@ -90,18 +96,31 @@ class Liveness:
         return int(np.maximum(self.node_b - self.node_a, 0).sum())
 
     def rows(self, points: Iterable[int]) -> tuple[tuple[int, ...], ...]:
-        """The ILP nodes alive at each of ``points`` (point numbers), sorted."""
-        return tuple(tuple(int(v) for v in np.unique(self.node_ids[(self.node_a <= p) & (p < self.node_b)]))
-                     for p in points)
+        """The ILP nodes alive at each of ``points`` (point numbers), sorted; a point where
+        several transient nodes are alive gives one row per transient, each with the rest of its
+        live set (``max_k t_k + rest ≤ M`` ⟺ ``t_k + rest ≤ M`` for every k)."""
+        out = []
+        for p in points:
+            alive = (self.node_a <= p) & (p < self.node_b)
+            if self.transient_items is None or (alive & self.transient_items).sum() <= 1:
+                out.append(tuple(int(v) for v in np.unique(self.node_ids[alive])))
+                continue
+            rest = self.node_ids[alive & ~self.transient_items]
+            for t in np.unique(self.node_ids[alive & self.transient_items]):
+                out.append(tuple(int(v) for v in np.unique(np.append(rest, t))))
+        return tuple(out)
 
     def profile(self, node_bytes: np.ndarray, copy_bytes: np.ndarray, transient: np.ndarray,
                 held_bytes: np.ndarray) -> np.ndarray:
         """Bytes at every point: ``node_bytes`` per node item (0 where not counted), copies and held
-        buffers over their intervals, the largest transient made at each point."""
+        buffers over their intervals, the largest transient made at each point (of the copies'
+        ``transient`` and of the transient nodes' bytes, as the rows count them: ``rows``)."""
         n = self.num_points
         diff = np.zeros(n + 1)
-        for a, b, v in ((self.node_a, self.node_b, node_bytes), (self.copy_a, self.copy_b, copy_bytes),
-                        (self.held_a, self.held_b, held_bytes)):
+        node_bytes = np.asarray(node_bytes, float)
+        one_of = np.zeros(len(node_bytes), bool) if self.transient_items is None else self.transient_items
+        for a, b, v in ((self.node_a[~one_of], self.node_b[~one_of], node_bytes[~one_of]),
+                        (self.copy_a, self.copy_b, copy_bytes), (self.held_a, self.held_b, held_bytes)):
             some = a < b
             np.add.at(diff, a[some], np.asarray(v, float)[some])
             np.add.at(diff, b[some], -np.asarray(v, float)[some])
@@ -109,6 +128,8 @@ class Liveness:
         made = np.zeros(n)
         some = self.copy_a < self.copy_b
         np.maximum.at(made, self.copy_a[some], np.asarray(transient, float)[some])
+        some = one_of & (self.node_a < self.node_b)  # transient nodes: one point each, the largest
+        np.maximum.at(made, self.node_a[some], node_bytes[some])
         return total + made
 
     def covering(self, ops: range) -> np.ndarray:
