@@ -225,13 +225,14 @@ def _run(model: Model, options: IlpOptions, time_limit_s: float):
     params.max_time_in_seconds = time_limit_s
     params.num_workers = options.num_workers
     params.random_seed = options.random_seed
-    # Presolve turns the edge constraints into at-most-one clauses, which the default level 1
-    # leaves out of the LP relaxation; level 2 keeps them, and the relaxation of a chain or tree
-    # is then integral. Probing (presolve) costs more than it gives on these models. Measured
-    # with one worker (ortools 9.15): a 2000-node, 4-strategy chain, no optimum in 60 s at level
-    # 1, 6.1 s at level 2, 5.1 s without probing; the 184-node MLP problem of the planner tests,
-    # 10.4 s, 1.8 s, 1.0 s; a dense random 200-node problem, first plan found only without
-    # probing (5 s).
+    # Presolve turns edge constraints into clauses, which the default level 1 leaves out of the
+    # LP relaxation; level 2 keeps them, and the relaxation of a chain or tree is then integral.
+    # Probing (presolve) costs more than it gives on these models. Measured with one worker
+    # (ortools 9.15, on the earlier ``≤`` form of the edge constraints): a 2000-node, 4-strategy
+    # chain, no optimum in 60 s at level 1, 6.1 s at level 2, 5.1 s without probing; the 184-node
+    # MLP problem of the planner tests, 10.4 s, 1.8 s, 1.0 s; a dense random 200-node problem,
+    # first plan found only without probing (5 s). With the equality form, level 1 still finds
+    # no optimum of the 96-layer GPT's tied model in 60 s (level 2: 4.4 s).
     params.linearization_level = 2
     params.cp_model_probing_level = 0
     # The whole linear relaxation from the start (the default adds constraints as they are
