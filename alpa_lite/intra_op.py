@@ -141,7 +141,7 @@ class IntraOpProblem:
     def with_rows(self, points: Iterable[int], budget: float | None) -> IntraOpProblem:
         """The same problem with memory rows at ``points`` (point numbers) and ``budget``."""
         points = tuple(sorted(set(points)))
-        problem = replace(self.problem, live_sets=self.liveness.rows(points), memory_budget=budget)
+        problem = replace(self.problem, live_sets=_distinct(self.liveness.rows(points)), memory_budget=budget)
         return replace(self, problem=problem, rows=points)
 
 
@@ -281,16 +281,19 @@ def _copy_nodes(g: OpGraph, nodes: _Nodes, found: Sequence[OperandCopy], exact_c
         exact.append((exact_copies or g.ops[c.src].kind == "parameter")
                      and any((t != lo).any() for t, lo in zip(top, low, strict=True)))
         lows.append(top if exact[-1] else low)
-    # Copies made at one point are made one after another: the ILP charges the largest transient.
+    # Copies made at one point are made one after another. Relaxed: the ILP charges the transient
+    # that can be largest there. Exact: every transient gets a node, and the rows take one at a
+    # time (``Liveness.rows``).
     biggest: dict[int, int] = {}
-    for k, c in enumerate(found):
-        first = _first_point(g, c.points)
-        if lows[k][1].any() and (first not in biggest or lows[k][1].max() > lows[biggest[first]][1].max()):
-            biggest[first] = k
+    if not exact_copies:
+        for k, c in enumerate(found):
+            first = _first_point(g, c.points)
+            if lows[k][1].any() and (first not in biggest or lows[k][1].max() > lows[biggest[first]][1].max()):
+                biggest[first] = k
+    charged = set(biggest.values())
     copies = []
     for k, c in enumerate(found):
-        # Exact: every transient gets a node, and the rows take one at a time (``Liveness.rows``).
-        with_transient = exact_copies or biggest.get(_first_point(g, c.points)) == k
+        with_transient = exact_copies or k in charged
         name = f"of {g.ops[c.src]} for {g.ops[c.dst]}"
         if exact[k]:
             made = _exact_copy_nodes(nodes, c, with_transient, name)

@@ -50,7 +50,7 @@ class Liveness:
     held_b: np.ndarray
     # Per node item: a copy's transient node. Copies made at one point are made one after another,
     # so a row takes one transient at a time (``rows``).
-    transient_items: np.ndarray | None = None
+    transient_items: np.ndarray
 
     @staticmethod
     def of(g: OpGraph, kept: frozenset[int], until: Sequence[int], copies: Sequence, held: Sequence) -> Liveness:
@@ -66,7 +66,7 @@ class Liveness:
         cs = np.array([span(c.points.start, c.points.stop) for c in copies], dtype=np.int64).reshape(-1, 2)
         hs = np.array([span(h.points.start, h.points.stop) for h in held], dtype=np.int64).reshape(-1, 2)
         return Liveness(np.asarray(points, dtype=np.int64), np.asarray(ops, dtype=np.int64), ab[:, 0], ab[:, 1],
-                        np.ones(len(ops), bool), cs[:, 0], cs[:, 1], hs[:, 0], hs[:, 1])
+                        np.ones(len(ops), bool), cs[:, 0], cs[:, 1], hs[:, 0], hs[:, 1], np.zeros(len(ops), bool))
 
     def with_nodes(self, copies: Sequence, held: Sequence) -> Liveness:
         """With the ILP nodes of copies (alive over the copy; its transient's at its first
@@ -102,7 +102,7 @@ class Liveness:
         out = []
         for p in points:
             alive = (self.node_a <= p) & (p < self.node_b)
-            if self.transient_items is None or (alive & self.transient_items).sum() <= 1:
+            if (alive & self.transient_items).sum() <= 1:
                 out.append(tuple(int(v) for v in np.unique(self.node_ids[alive])))
                 continue
             rest = self.node_ids[alive & ~self.transient_items]
@@ -118,7 +118,7 @@ class Liveness:
         n = self.num_points
         diff = np.zeros(n + 1)
         node_bytes = np.asarray(node_bytes, float)
-        one_of = np.zeros(len(node_bytes), bool) if self.transient_items is None else self.transient_items
+        one_of = self.transient_items
         for a, b, v in ((self.node_a[~one_of], self.node_b[~one_of], node_bytes[~one_of]),
                         (self.copy_a, self.copy_b, copy_bytes), (self.held_a, self.held_b, held_bytes)):
             some = a < b
