@@ -44,15 +44,13 @@ def one(layers: int, devices: int, hidden: int, num_stages: int | None, time_lim
     else:
         cluster = al.ClusterSpec.preset("dgx-h100", num_hosts=devices // 8)
         mesh = None
+    rec: dict = dict(layers=layers, devices=devices, hidden=hidden, batch=batch)
     t0 = time.perf_counter()
     try:
         plan = al.plan(fn, *args, mesh=mesh, cluster=cluster, num_stages=num_stages, time_limit_s=time_limit)
     except InfeasibleError as e:  # a row of its own: how long planning took to say so, and why
-        return dict(layers=layers, devices=devices, hidden=hidden, batch=batch,
-                    plan_s=time.perf_counter() - t0, status="INFEASIBLE", error=str(e), variables=0,
-                    stages=0, ops=0, ilp_nodes=0, leaders=0, tied_classes=0, solves=0)
-    wall = time.perf_counter() - t0
-    rec = dict(layers=layers, devices=devices, hidden=hidden, batch=batch, plan_s=wall, **plan.timings,
+        return dict(rec, plan_s=time.perf_counter() - t0, status="INFEASIBLE", error=str(e))
+    rec.update(plan_s=time.perf_counter() - t0, **plan.timings,
                status=plan.solver.status, variables=plan.solver.variables, stages=len(plan.stages),
                ops=len(plan.op_kinds), ilp_nodes=plan.solver.nodes, leaders=plan.solver.leaders,
                tied_classes=plan.solver.tied_classes, solves=plan.solver.solves,
@@ -76,9 +74,9 @@ def run(layers: list[int], devices: list[int], hidden: int, num_stages: int | No
             recs.append(r)
             rows.append([n, d, hidden, f"{r['plan_s']:.2f}", f"{r.get('trace_s', 0):.2f}",
                          f"{r.get('strategies_s', 0):.2f}", f"{r.get('ilp_build_s', 0):.2f}",
-                         f"{r.get('ilp_solve_s', 0):.2f}", f"{r.get('dp_s', 0):.2f}", r["solves"],
-                         f"{r['ilp_nodes']:,}", f"{r['leaders']:,}", f"{r['tied_classes']:,}", f"{r['variables']:,}",
-                         r["status"], r["stages"], f"{r.get('xla_compile_s', float('nan')):.2f}"])
+                         f"{r.get('ilp_solve_s', 0):.2f}", f"{r.get('dp_s', 0):.2f}", r.get("solves", 0),
+                         *(f"{r.get(k, 0):,}" for k in ("ilp_nodes", "leaders", "tied_classes", "variables")),
+                         r["status"], r.get("stages", 0), f"{r.get('xla_compile_s', float('nan')):.2f}"])
     common.print_table(f"Planning time ({common.machine()})",
                        ["layers", "devices", "hidden", "plan s", "trace s", "strategies s", "ILP build s",
                         "ILP solve s", "DP s", "solves", "ILP nodes", "after merging", "after tying",
