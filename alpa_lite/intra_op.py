@@ -412,6 +412,25 @@ def _combined_alpha(srcs: tuple[ShardingSpec, ...], dsts: tuple[ShardingSpec, ..
     return out
 
 
+def edge_charges(iop: IntraOpProblem, choice: Sequence[int]) -> dict[tuple[int, int], float]:
+    """What the objective charges on each edge under ``choice``, keyed (tensor, reader node); edges
+    of one tensor into one node at several operand positions add up."""
+    out: dict[tuple[int, int], float] = {}
+    for e, ref in zip(iop.problem.edges, iop.edge_refs):
+        key = (ref.tensor, ref.dst_node)
+        out[key] = out.get(key, 0.0) + float(e.cost[choice[e.src], choice[e.dst]])
+    return out
+
+
+def output_node(iop: IntraOpProblem, pos: int) -> int:
+    """The node flat output ``pos`` flows into: its sink, or for carried state (tied) the parameter
+    op of its input."""
+    g = iop.sgraph.graph
+    if pos in iop.ties:
+        return g.producer[g.inputs[iop.ties[pos]]]
+    return len(g.ops) + iop.sink_outputs.index(pos)
+
+
 def peak_memory(iop: IntraOpProblem, choice: Sequence[int], ops: range | None = None,
                 inputs: bool = True) -> float:
     """Peak bytes per device of a full choice (one strategy per node), every copy charged

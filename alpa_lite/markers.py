@@ -10,8 +10,11 @@ Evaluated normally (eagerly, under ``jit``, ``vmap`` or ``jvp``) it computes exa
 Equation params of ``value_and_grad_p``:
     jaxpr       ClosedJaxpr (no consts) of the loss: invars = consts closed over by the loss,
                 then the flat argument leaves; outvars = the loss, then the aux leaves
-    vag_jaxpr   ClosedJaxpr (no consts) of its value_and_grad, same invars;
-                outvars = the loss, the aux leaves, then one gradient per differentiated leaf
+    vag_jaxpr   ``VagJaxpr``: called, the ClosedJaxpr (no consts) of its value_and_grad, same
+                invars; outvars = the loss, the aux leaves, then one gradient per differentiated
+                leaf. Traced on first use: differentiating a deep model is most of the cost of
+                tracing its step, and the pipeline planner, which reads only ``jaxpr``, traces
+                the step once per microbatch count
     num_consts  how many leading operands are hoisted closure constants (never differentiated)
     diff        per argument leaf, whether it is differentiated (``argnums``)
     num_aux     number of aux leaves (0 without ``has_aux``)
@@ -40,25 +43,47 @@ value_and_grad_p = Primitive("alpa_value_and_grad")
 value_and_grad_p.multiple_results = True
 
 
-def _vag_impl(*args: Any, vag_jaxpr: ClosedJaxpr, **_: Any) -> list[Any]:
-    return jaxpr_as_fun(vag_jaxpr)(*args)
+class VagJaxpr:
+    """The ``jax.value_and_grad`` of a loss jaxpr, traced when first called, then kept. Its
+    output avals need no tracing: the loss's outputs, then each differentiated leaf's aval."""
+
+    def __init__(self, jaxpr: ClosedJaxpr, num_consts: int, diff: Sequence[bool], num_aux: int,
+                 avals: Sequence[Any]) -> None:
+        self._args = (jaxpr, num_consts, tuple(diff), num_aux, tuple(avals))
+        self._closed: ClosedJaxpr | None = None
+        leaves = avals[num_consts:]
+        self.out_avals = [*jaxpr.out_avals, *(a for a, d in zip(leaves, diff) if d)]
+
+    @property
+    def traced(self) -> bool:
+        """Whether the value_and_grad jaxpr has been traced yet."""
+        return self._closed is not None
+
+    def __call__(self) -> ClosedJaxpr:
+        if self._closed is None:
+            self._closed = _vag_jaxpr(*self._args)
+        return self._closed
 
 
-def _vag_abstract(*_avals: Any, vag_jaxpr: ClosedJaxpr, **_: Any) -> list[Any]:
+def _vag_impl(*args: Any, vag_jaxpr: VagJaxpr, **_: Any) -> list[Any]:
+    return jaxpr_as_fun(vag_jaxpr())(*args)
+
+
+def _vag_abstract(*_avals: Any, vag_jaxpr: VagJaxpr, **_: Any) -> list[Any]:
     return list(vag_jaxpr.out_avals)
 
 
-def _vag_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, vag_jaxpr: ClosedJaxpr,
+def _vag_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, vag_jaxpr: VagJaxpr,
              **_: Any) -> tuple[list[Any], list[Any]]:
     tangents = [ad.instantiate_zeros(t) for t in tangents]
-    out, tan = jax.jvp(jaxpr_as_fun(vag_jaxpr), list(primals), tangents)
+    out, tan = jax.jvp(jaxpr_as_fun(vag_jaxpr()), list(primals), tangents)
     return list(out), list(tan)
 
 
-def _vag_batch(args: Sequence[Any], dims: Sequence[Any], *, vag_jaxpr: ClosedJaxpr,
+def _vag_batch(args: Sequence[Any], dims: Sequence[Any], *, vag_jaxpr: VagJaxpr,
                **_: Any) -> tuple[list[Any], list[int]]:
     in_axes = list(dims)  # None: not mapped
-    out = jax.vmap(jaxpr_as_fun(vag_jaxpr), in_axes=in_axes)(*args)
+    out = jax.vmap(jaxpr_as_fun(vag_jaxpr()), in_axes=in_axes)(*args)
     return list(out), [0] * len(out)
 
 
@@ -151,7 +176,7 @@ def value_and_grad(fun: Callable[..., Any], argnums: int | Sequence[int] = 0,
         nums = _argnums_tuple(argnums, len(args))
         jaxpr, consts, leaves, diff, aux_tree, num_aux = _trace_loss(fun, args, nums, has_aux)
         avals = [v.aval for v in jaxpr.jaxpr.invars]
-        vag = _vag_jaxpr(jaxpr, len(consts), diff, num_aux, avals)
+        vag = VagJaxpr(jaxpr, len(consts), diff, num_aux, avals)
         outs = value_and_grad_p.bind(*consts, *leaves, jaxpr=jaxpr, vag_jaxpr=vag,
                                      num_consts=len(consts), diff=tuple(diff), num_aux=num_aux)
         loss, aux, flat_grads = outs[0], outs[1:1 + num_aux], list(outs[1 + num_aux:])

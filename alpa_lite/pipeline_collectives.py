@@ -22,7 +22,7 @@ charges them). Every rule follows what ``pipeline_stage`` emits.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,15 +44,24 @@ class LayerCollectives:
     sync: tuple[PredictedCollective, ...] = ()  # once per step: deferred gradients' reductions
     sync_pos: tuple[int, ...] = ()  # G output position (the gradient) of each ``sync`` entry
     deferred: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (G output position, axes A)
-    deferred_s: float = 0.0  # per microbatch: the reductions deferral removes from the ILP's time
+    deferred_each_s: tuple[float, ...] = ()  # per ``deferred`` entry: what the ILP charged for its reduction
     sync_s: float = 0.0  # once per step: ``sync``'s time
+
+    @property
+    def deferred_s(self) -> float:
+        """Per microbatch: the reductions deferral removes from the ILP's time, each exactly as the
+        ILP charged it (so the layer's time without them is never negative)."""
+        return float(sum(self.deferred_each_s))
 
 
 def layer_collectives(layer: Layer, lg: Any, layouts: Sequence[Any], out_specs: Sequence[ShardingSpec],
-                      collectives: Sequence[PredictedCollective], cluster: Any,
-                      sizes: Mapping[str, int]) -> LayerCollectives:
+                      collectives: Sequence[PredictedCollective], cluster: Any, sizes: Mapping[str, int],
+                      charged_s: Callable[[Deferral], float]) -> LayerCollectives:
     """Split a layer plan's collectives (``assemble_plan``'s, ``where`` naming the ops) into
-    forward, backward and once-per-step sync; ``cluster`` is the view's."""
+    forward, backward and once-per-step sync; ``cluster`` is the view's. ``charged_s(d)``: what
+    the layer's ILP charged on the edge out of deferral d's producer (its objective prices a
+    reduction read by the update without its α, ``intra_op.update_tail``: the credit for
+    deferring it must be that charge, not the collective's full price)."""
     g = lg.graph
     deferred = find_deferrals(layer.diff_in, lg, layouts, out_specs, sizes)
     producers = {d.producer for d in deferred.values()}
@@ -69,18 +78,10 @@ def layer_collectives(layer: Layer, lg: Any, layouts: Sequence[Any], out_specs: 
         weight_src = src >= 0 and g.ops[src].kind == "parameter" and g.ops[src].outputs[0] in weights
         in_bwd = src in bwd_ops or (weight_src and dst in bwd_ops)
         (bwd if in_bwd else fwd).append(c)
-    saved = sum(_deferred_edge_s(g, layouts, out_specs, d, cluster) for d in deferred.values())
+    saved = tuple(float(charged_s(d)) for d in deferred.values())
     sync, pos, sync_s = _sync(g, out_specs, deferred, cluster)
     return LayerCollectives(tuple(fwd), tuple(bwd), sync, pos, tuple((p, d.axes) for p, d in deferred.items()),
                             saved, sync_s)
-
-
-def _deferred_edge_s(g: Any, layouts: Sequence[Any], out_specs: Sequence[ShardingSpec], d: Deferral,
-                     cluster: Any) -> float:
-    """The ILP's cost of reducing the producer's partial sum into its reader's spec."""
-    src = layouts[d.producer].outs[0]
-    dst = layouts[d.chain[0]].ins[0] if d.chain else out_specs[d.grad_pos]
-    return reshard(src, dst, g.tensors[g.ops[d.producer].outputs[0]], cluster)[0]
 
 
 def _sync(g: Any, out_specs: Sequence[ShardingSpec], deferred: dict[int, Deferral],

@@ -23,14 +23,14 @@ from typing import Any
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.emit import OpLayout
 from alpa_lite.graph import Op, OpGraph
-from alpa_lite.intra_op import build_problem
+from alpa_lite.intra_op import IntraOpProblem, build_problem, edge_charges, output_node
 from alpa_lite.pipeline_collectives import LayerCollectives, layer_collectives
 from alpa_lite.pipeline_program import Layer
 from alpa_lite.plan_result import VIEW_AXES
 from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import build_strategies
-from ilp import IlpOptions, NoSolutionError, solve
+from ilp import IlpOptions, IlpSolution, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.pipeline")
 
@@ -110,8 +110,10 @@ class LayerSolution:
 
     @property
     def microbatch_s(self) -> float:
-        """Forward+backward of one microbatch as it runs: deferred reductions left out."""
-        return self.time_s - self.collectives.deferred_s
+        """Forward+backward of one microbatch as it runs: deferred reductions left out. Each is
+        taken out as the ILP charged it, a term of ``time_s``, so this is >= 0 (the max only
+        absorbs rounding)."""
+        return max(self.time_s - self.collectives.deferred_s, 0.0)
 
 
 def view_cluster(cluster: ClusterSpec, view: tuple[int, int]) -> ClusterSpec:
@@ -150,22 +152,35 @@ def _cluster_key(cluster: ClusterSpec) -> str:
     return repr(sorted(d.items()))
 
 
+def layer_problem(layer: Layer, lg: LayerGraph, cluster: ClusterSpec) -> IntraOpProblem:
+    """The intra-op problem of G on ``cluster`` (a view's): no memory budget (the stage DP
+    applies it to whole stages), each input's gradient tied to the input's spec."""
+    return build_problem(build_strategies(lg.graph, cluster), _ties(layer, lg), None)
+
+
 def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, int],
            time_limit_s: float) -> LayerSolution:
-    from alpa_lite.planner import assemble_plan  # the one-stage plan assembly, reused
-
-    sg = build_strategies(lg.graph, cluster)
-    iop = build_problem(sg, _ties(layer, lg), None)
+    iop = layer_problem(layer, lg, cluster)
     # The limit is CP-SAT's deterministic time, so that the same layer gets the same plan in
-    # every run and every process of a multi-host job; the wall clock (5x, for a loaded
-    # machine) is only a safety net, and the solver warns when it is the one that stops.
+    # every run and every process of a multi-host job; the wall clock is only a safety net, and
+    # the solver warns when it is the one that stops.
     try:
-        sol = solve(iop.problem, IlpOptions(time_limit_s=5 * time_limit_s, deterministic_time=time_limit_s))
+        sol = solve(iop.problem, IlpOptions.deterministic(time_limit_s))
     except NoSolutionError:
         log.warning("layer %d on view %s: no ILP solution within %.3g s; view not used",
                     layer.index, view, time_limit_s)
         return LayerSolution(tuple(view), (), (), (), math.inf, 0.0, 0.0, 0.0, 0.0, 0.0, "UNKNOWN",
                              time_limit_s)
+    return layer_solution(layer, lg, iop, sol, view)
+
+
+def layer_solution(layer: Layer, lg: LayerGraph, iop: IntraOpProblem, sol: IlpSolution,
+                   view: tuple[int, int]) -> LayerSolution:
+    """What the stage DP and the runtime need of a solved layer problem (any choice that has a
+    finite cost: optimal, stopped early, a greedy start)."""
+    from alpa_lite.planner import assemble_plan  # the one-stage plan assembly, reused
+
+    cluster = iop.sgraph.cluster
     p = assemble_plan(iop, sol, method="auto", mesh=None, static=(), donate=(),
                       num_args=len(lg.graph.inputs), timings={})
     g, sizes = lg.graph, cluster.axis_sizes
@@ -175,7 +190,13 @@ def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, 
             local[t] = g.tensors[t].nbytes / max(_split(s, sizes), 1)
     weights = [g.inputs[k] for k in lg.weight_inputs]
     resid = sum(local.get(t, g.tensors[t].nbytes) for t in lg.residuals if t not in weights)
-    lc = layer_collectives(layer, lg, p.layouts, p.output_specs, p.collectives, cluster, sizes)
+    charges = edge_charges(iop, sol.choice)
+
+    def charged_s(d: Any) -> float:  # the ILP's charge on the edge out of a deferral's producer
+        node = d.chain[0] if d.chain else output_node(iop, d.grad_pos)
+        return charges.get((g.ops[d.producer].outputs[0], node), 0.0)
+
+    lc = layer_collectives(layer, lg, p.layouts, p.output_specs, p.collectives, cluster, sizes, charged_s)
     return LayerSolution(tuple(view), p.layouts, p.input_specs, p.output_specs, p.cost.compute_s,
                          p.cost.communication_s, p.cost.resharding_s,
                          float(sum(local[t] for t in weights)), float(resid),

@@ -35,10 +35,21 @@ import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.graph import OpGraph
 from alpa_lite.pipeline_collectives import StageSpan, stage_collectives
 from alpa_lite.pipeline_layers import LayerGraph, LayerSolution, layer_graph, solve_layer, view_cluster
-from alpa_lite.pipeline_program import Layer, StepProgram, cut_layers, layer_starts, split_step, tensor_info
+from alpa_lite.pipeline_program import (
+    Layer,
+    StepProgram,
+    TracedStep,
+    cut_layers,
+    layer_starts,
+    split_step,
+    tensor_info,
+    trace_step,
+)
 from alpa_lite.plan_result import LayerPlan, PipelineInfo, Plan, PlanCost, SolverInfo, StageInfo
+from alpa_lite.planner import find_ties, out_example_of, plan_one_stage, resolve_mesh, state_and_batch
 from alpa_lite.specs import ShardingSpec
 from cost_model.resharding import reshard
 from dp_stages import logical_views as views_of
@@ -69,6 +80,7 @@ class _Settings:
     static: tuple[int, ...]
     state: tuple[int, ...]
     batch: tuple[int, ...]
+    out_example: Any  # the step's result, shapes and dtypes
 
 
 @dataclass(eq=False)
@@ -93,35 +105,47 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                   num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
                   num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S,
-                  logical_views: str = "auto", compare_one_stage: bool = True) -> Plan:
+                  logical_views: str = "auto", compare_one_stage: bool = True,
+                  progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower).
 
     Beyond ``al.plan``'s arguments: ``schedule`` ("gpipe" or "1f1b"), ``num_layers`` (cluster the
-    loss into this many layers even when it has markers), ``layer_time_limit_s`` (per layer ILP)
-    and ``logical_views``: "auto" (in one host the 1-D view, where every op may split any one
-    dimension over all devices; across k hosts also (k, M), hosts × a host's devices, where the
-    two links differ), "all" (every dp×tp with tp within a host: hybrids inside a host too, at a
-    much larger ILP: ~90k against ~5k variables for a GPT block on 2×2 against 4×1) or "1d".
-    ``compare_one_stage=False`` skips planning the one-stage candidate (with ``num_stages=None``
-    the DP still weighs one stage composed from the layers' plans): for big models on a 2-D mesh
-    that ILP dominates planning time.
+    loss into this many layers even when it has markers), ``layer_time_limit_s`` (per layer ILP,
+    CP-SAT deterministic units) and ``logical_views``: "auto" (in one host the 1-D view, where
+    every op may split any one dimension over all devices; across k hosts also (k, M), hosts × a
+    host's devices, where the two links differ), "all" (every dp×tp with tp within a host: hybrids
+    inside a host too, at a much larger ILP: ~90k against ~5k variables for a GPT block on 2×2
+    against 4×1) or "1d". ``compare_one_stage=False`` skips planning the one-stage candidate (with
+    ``num_stages=None`` the DP still weighs one stage composed from the layers' plans): for big
+    models on a 2-D mesh that ILP dominates planning time. ``progress`` is called with each
+    phase as it starts ("pipeline B=4: layer 2/3 on view (8, 1)", "one-stage candidate", ...).
     """
-    from alpa_lite.planner import plan
+    from alpa_lite.tracer import trace
 
+    progress = progress or (lambda phase: None)
     _check_options(method, schedule, logical_views, num_stages)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    st, mesh = _settings(fn, args, mesh, cluster, memory_budget, num_stages, schedule, num_layers,
-                         min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static_argnums)
+    progress("tracing")
+    static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
+    graph = trace(fn, *args, static_argnums=static)  # once: ties, the plan's signature, one stage
+    timings["trace_s"] = time.perf_counter() - t0
+    st, mesh = _settings(fn, args, graph, mesh, cluster, memory_budget, num_stages, schedule, num_layers,
+                         min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static)
 
     def one_stage() -> Plan:
-        return plan(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget, num_stages=1,
-                    batch_argnums=batch_argnums, static_argnums=static_argnums, time_limit_s=time_limit_s)
+        progress("one-stage candidate")
+        return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,
+                              batch_argnums=batch_argnums, static_argnums=static_argnums,
+                              time_limit_s=time_limit_s, graph=graph)
 
-    best = _search_microbatches(fn, args, st, num_microbatches, timings)
+    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress)
     if best is None or not np.isfinite(best.cost):
         if num_stages is None:
-            return one_stage()
+            t1 = time.perf_counter()
+            one = one_stage()
+            timings["one_stage_s"] = time.perf_counter() - t1
+            return replace(one, timings={**timings, "total_s": time.perf_counter() - t0})
         if best is None:
             raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
                                 "al.value_and_grad (the loss it pipelines)")
@@ -136,10 +160,10 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
                     f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
             note = f"{one.solver.note}; {note}" if one.solver.note else note
-            timings = {**one.timings, "pipeline_search_s": time.perf_counter() - t0 - timings["one_stage_s"]}
+            timings["total_s"] = time.perf_counter() - t0  # the search's phases, then the candidate's
             return replace(one, solver=replace(one.solver, note=note), timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return _assemble(fn, args, mesh, st, best, one, timings)
+    return _assemble(args, graph, mesh, st, best, one, timings)
 
 
 def _check_options(method: str, schedule: str, logical_views: str, num_stages: int | None) -> None:
@@ -154,20 +178,17 @@ def _check_options(method: str, schedule: str, logical_views: str, num_stages: i
         raise PlanningError(f"num_stages must be >= 1, got {num_stages}")
 
 
-def _settings(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, cluster: ClusterSpec | None,
+def _settings(fn: Callable[..., Any], args: Sequence[Any], graph: OpGraph, mesh: Any, cluster: ClusterSpec | None,
               memory_budget: float | None, num_stages: int | None, schedule: str, num_layers: int | None,
               layer_limit: float, views: str, batch_argnums: Sequence[int] | None,
-              static_argnums: Sequence[int]) -> tuple[_Settings, Any]:
-    from alpa_lite.planner import _state_and_batch, resolve_mesh
-
+              static: tuple[int, ...]) -> tuple[_Settings, Any]:
     mesh, cluster = resolve_mesh(mesh, cluster)
-    static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
-    tied = _carried_args(args, static, _eval_shape(fn, args, static))
-    state, batch = _state_and_batch(args, static, tied, batch_argnums)
+    tied = _carried_args(args, static, out_example_of(graph, fn, args, static))
+    state, batch = state_and_batch(args, static, tied, batch_argnums)
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers, layer_limit, views,
-                     static, tuple(state), tuple(batch)), mesh
+                     static, tuple(state), tuple(batch), out_example_of(graph, fn, args, static)), mesh
 
 
 def _carried_args(args: Sequence[Any], static: Sequence[int], out: Any) -> list[int]:
@@ -196,12 +217,6 @@ def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:
         return None
 
 
-def _eval_shape(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
-    from alpa_lite.planner import _eval_shape_static
-
-    return jax.eval_shape(fn, *args) if not static else _eval_shape_static(fn, args, static)
-
-
 def _hosts(cluster: ClusterSpec) -> tuple[int, int]:
     per_host = min(cluster.devices_per_host, cluster.num_devices)
     if cluster.num_devices % per_host:
@@ -216,16 +231,19 @@ def _microbatch_counts(batch_size: int, given: int | None) -> list[int]:
             and batch_size % b == 0]
 
 
-def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings,
-                         given: int | None, timings: dict[str, float]) -> Candidate | None:
+def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, given: int | None,
+                         timings: dict[str, float], progress: Callable[[str], None]) -> Candidate | None:
     """The best candidate over B = 1, 2, 4, ...; stops at the first B that does not improve
     (each B solves the layers again: their shapes change)."""
     leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
     best = None
+    tick = time.perf_counter()
+    traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
+    _add_time(timings, "trace_s", tick)
     for B in _microbatch_counts(batch_size, given):
-        cand = _plan_for(fn, args, st, B, timings)
+        cand = _plan_for(fn, args, st, B, timings, traced, progress)
         if cand is None:
             return None
         log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
@@ -242,10 +260,11 @@ def _add_time(timings: dict[str, float], key: str, since: float) -> float:
     return now
 
 
-def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int,
-              timings: dict[str, float]) -> Candidate | None:
+def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int, timings: dict[str, float],
+              traced: TracedStep, progress: Callable[[str], None]) -> Candidate | None:
     tick = time.perf_counter()
-    prog = split_step(fn, args, st.static, st.state, st.batch, B)
+    progress(f"pipeline B={B}: tracing a microbatch")
+    prog = split_step(fn, args, st.static, st.state, st.batch, B, traced)
     if prog is None:
         return None
     layers = cut_layers(prog.loss, layer_starts(prog.loss, st.num_layers, _auto_layers(st)))
@@ -261,12 +280,15 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     tick = _add_time(timings, "trace_s", tick)
     submeshes, sub_views, views = _candidate_views(st)
     sols, ilp_s = {}, 0.0
+    distinct = list(dict.fromkeys(sigs))
     for layer, sig in zip(layers, sigs):
         for v in views:
             if (sig, v) not in sols:
+                progress(f"pipeline B={B}: layer {distinct.index(sig) + 1}/{len(distinct)} on view {v}")
                 sols[(sig, v)] = solve_layer(layer, graphs[sig], sig, st.cluster, v, st.layer_time_limit_s)
                 ilp_s += sols[(sig, v)].wall_s
     tick = _add_time(timings, "layer_ilp_s", tick)
+    progress(f"pipeline B={B}: stage DP")
     factor = _weight_factor(prog, args, st)
     costs = _layer_costs(prog, layers, sigs, graphs, sols, views, st, factor)
     links = (_send_link(st),) * len(submeshes)
@@ -290,7 +312,7 @@ def _candidate_views(st: _Settings):
     """Sub-mesh shapes (those usable in an exact cover by num_stages stages), each with its
     logical views (see ``plan_pipeline``'s ``logical_views``; tp within a host; in one host
     (a, b) and (b, a) are one problem, both axes having the same link)."""
-    shapes = submesh_shapes(st.hosts, st.per_host)
+    shapes = submesh_shapes(st.hosts, st.per_host, _host_counts(st))
     if st.num_stages is not None:
         shapes = _coverable(shapes, st.hosts * st.per_host, st.num_stages)
     views: list[tuple[int, int]] = []
@@ -303,6 +325,17 @@ def _candidate_views(st: _Settings):
             vs = [v for v in vs if v[1] in (1, st.per_host)]
         per_shape.append(tuple(_index(views, v) for v in vs))
     return tuple(shapes), tuple(per_shape), views
+
+
+# Sub-meshes spanning k hosts: every k up to this many hosts, beyond it k a power of two (and all
+# of them), as Alpa's "power_of_two" space: each spanning shape costs every distinct layer two
+# ILPs per microbatch count (on 64 GPUs: 7 → 4 shapes; on 1024: 127 → 8). A restriction of the
+# search, said in the plan's solver note.
+ALL_HOST_COUNTS_UP_TO = 4
+
+
+def _host_counts(st: _Settings) -> str:
+    return "all" if st.hosts <= ALL_HOST_COUNTS_UP_TO else "pow2"
 
 
 def _index(items: list[Any], x: Any) -> int:
@@ -358,7 +391,7 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
             arr["t"][li, v] = s.microbatch_s + 3 * s.weight_bytes * diff_w / hbm
             arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm + s.collectives.sync_s
             arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
-    pair = _pair_costs(layers, sigs, sols, views, st.cluster)
+    pair = _pair_costs(layers, sigs, graphs, sols, views, st.cluster)
     fwd, bwd = _send_bytes(layers, prog)
     return LayerCosts(tuple(views), arr["t"], arr["u"], arr["w"], arr["r"], arr["p"], pair, fwd, bwd)
 
@@ -374,11 +407,11 @@ def _producers(layers: list[Layer]) -> dict[Any, tuple[int, int]]:
     return {v: (i, k) for i, layer in enumerate(layers) for k, v in enumerate(layer.outputs)}
 
 
-def _pair_costs(layers: list[Layer], sigs: list[str], sols: dict[Any, LayerSolution],
-                views: list[tuple[int, int]], cluster: ClusterSpec) -> np.ndarray:
-    """pair[a, b, v]: moving layer a's outputs into layer b's specs (and their gradients back)."""
-    L, V = len(layers), len(views)
-    pair = np.zeros((L, L, V))
+def _pair_costs(layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
+                sols: dict[Any, LayerSolution], views: list[tuple[int, int]], cluster: ClusterSpec) -> np.ndarray:
+    """pair[a, b, v]: moving layer a's outputs into layer b's specs (and their gradients back),
+    plus the reductions a weight shared by a and b costs when the two share a stage."""
+    pair = _shared_weight_costs(layers, sigs, graphs, sols, views)
     made = _producers(layers)
     for b, layer in enumerate(layers):
         for kb, var in enumerate(layer.inputs):
@@ -397,6 +430,41 @@ def _pair_costs(layers: list[Layer], sigs: list[str], sols: dict[Any, LayerSolut
                                     sa.in_specs[_ct_pos(layers[a], ka)], t, vc)[0]
                 pair[a, b, v] += cost
     return pair
+
+
+def _shared_weight_costs(layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
+                         sols: dict[Any, LayerSolution], views: list[tuple[int, int]]) -> np.ndarray:
+    """[L, L, V]: per microbatch, the deferred reductions that stop being deferred when layers a
+    and b, both reading one weight (a tied embedding), run in one stage.
+
+    A stage keeps a weight's gradient accumulator unreduced only when every contribution in it
+    is deferred over the same axes (``pipeline_accum.stacked_accumulators``); otherwise each
+    deferred contribution is reduced per microbatch, at the price its layer's ILP charged for it,
+    which the layer's ``microbatch_s`` left out. Charged per pair: exact for a weight read by two
+    layers, an upper bound for one read by more (a contribution counts once per other reader)."""
+    L, V = len(layers), len(views)
+    out = np.zeros((L, L, V))
+    for v, view in enumerate(views):
+        contrib = [_weight_contributions(layers[li], graphs[sigs[li]], sols[(sigs[li], view)])
+                   for li in range(L)]
+        for b in range(L):
+            for a in range(b):
+                for var in contrib[a].keys() & contrib[b].keys():
+                    (axes_a, s_a), (axes_b, s_b) = contrib[a][var], contrib[b][var]
+                    if axes_a is None or axes_a != axes_b:
+                        out[a, b, v] += s_a + s_b
+    return out
+
+
+def _weight_contributions(layer: Layer, lg: LayerGraph,
+                          sol: LayerSolution) -> dict[Any, tuple[tuple[str, ...] | None, float]]:
+    """Per weight the layer differentiates: (axes its gradient is deferred over, or None; the
+    ILP's charge for that reduction per microbatch)."""
+    lc = sol.collectives
+    deferred = {pos: (axes, s) for (pos, axes), s in zip(lc.deferred, lc.deferred_each_s)}
+    din = [k for k, d in enumerate(layer.diff_in) if d]
+    return {layer.inputs[k]: deferred.get(lg.num_outputs + j, (None, 0.0))
+            for j, k in enumerate(din) if k in lg.weight_inputs}
 
 
 def _grad_pos(layer: Layer, k: int) -> int:
@@ -453,10 +521,8 @@ def place_stages(shapes: Sequence[tuple[int, int]], hosts: int, per_host: int) -
     return out
 
 
-def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Settings, c: Candidate,
+def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: Candidate,
               one: Plan | None, timings: dict[str, float]) -> Plan:
-    from alpa_lite.tracer import trace
-
     B = c.prog.num_microbatches
     tab, dpi = c.tables, c.tables.dp_input
     shapes = [c.submeshes[s] for _, _, s in c.stages]
@@ -475,7 +541,6 @@ def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Setti
             layer_plans[li] = LayerPlan(view, sol.layouts, sol.in_specs, sol.out_specs)
         parts.append(_stage_parts(c, i, j, view, t))
         spans.append(StageSpan((i, j), view, len(devs)))
-    graph = trace(fn, *args, static_argnums=st.static)
     info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
                         None if one is None else one.cost.total_s,
                         tuple(layer.first_eqn for layer in c.layers), c.prog.batch_leaves,
@@ -486,10 +551,12 @@ def _assemble(fn: Callable[..., Any], args: Sequence[Any], mesh: Any, st: _Setti
     # The DP is exact on its tables: bound = objective; the layer ILPs' own gaps are not summed.
     note = (f"pipeline: {len(c.graphs)} distinct layers × {len(c.views)} views solved by the "
             "intra-op ILP; stages by the stage DP")
+    if _host_counts(st) == "pow2":
+        note += f"; sub-meshes across hosts span a power of two of hosts or all {st.hosts} (a restriction)"
     solver = SolverInfo(worst, c.cost, c.cost, 0.0, c.ilp_s, 0, 0, note=note)
     return Plan(method="auto", mesh_shape=tuple(st.cluster.mesh_shape), axis_names=tuple(st.cluster.axis_names),
                 signature=tuple((t.shape, t.dtype) for t in (graph.tensors[i] for i in graph.inputs)),
-                input_specs=in_specs, output_specs=_output_specs(graph, in_specs, args, st, fn),
+                input_specs=in_specs, output_specs=_output_specs(graph, in_specs, args, st),
                 layouts=(), op_kinds=(), cost=_plan_cost(parts, t_list, stages, B),
                 collectives=stage_collectives(c.layers, [c.graphs[sig] for sig in c.sigs], layer_sols, spans,
                                               B, lambda v: view_cluster(st.cluster, v)),
@@ -545,11 +612,9 @@ def _input_specs(c: Candidate, graph: Any, layer_plans: Sequence[LayerPlan]) -> 
     return tuple(specs)
 
 
-def _output_specs(graph: Any, in_specs: Sequence[ShardingSpec], args: Sequence[Any], st: _Settings,
-                  fn: Callable[..., Any]) -> tuple[ShardingSpec, ...]:
-    from alpa_lite.planner import find_ties
-
-    ties, _ = find_ties(graph, args, st.static, _eval_shape(fn, args, st.static))
+def _output_specs(graph: Any, in_specs: Sequence[ShardingSpec], args: Sequence[Any],
+                  st: _Settings) -> tuple[ShardingSpec, ...]:
+    ties, _ = find_ties(graph, args, st.static, st.out_example)
     return tuple(in_specs[ties[p]] if p in ties else ShardingSpec.replicated(graph.tensors[t].rank)
                  for p, t in enumerate(graph.outputs))
 

@@ -134,15 +134,34 @@ def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Seq
     return bool(_vag_positions(jaxpr))
 
 
-def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int],
-               state_leaves: Sequence[int], batch_leaves: Sequence[int],
-               num_microbatches: int) -> StepProgram | None:
-    """The step split around its ``al.value_and_grad``; None when it has none."""
+@dataclass(frozen=True, eq=False)
+class TracedStep:
+    """The step traced once with the full batch; ``split_step`` reuses it for every microbatch
+    count (only the microbatch trace depends on the count)."""
+
+    flat_fn: Callable[..., Any]
+    avals: tuple[jax.ShapeDtypeStruct, ...]
+    full: Any  # ClosedJaxpr of the full-batch step
+    in_tree: Any
+    out_tree: Any
+
+
+def trace_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> TracedStep:
     out_tree: list[Any] = []
     flat_fn, leaves, in_tree = flat_function(fn, args, static, out_tree)
-    avals = [_aval(x) for x in leaves]
+    avals = tuple(_aval(x) for x in leaves)
     with jax.disable_jit():
         full = jax.make_jaxpr(flat_fn)(*avals)
+    return TracedStep(flat_fn, avals, full, in_tree, out_tree[0])
+
+
+def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int],
+               state_leaves: Sequence[int], batch_leaves: Sequence[int],
+               num_microbatches: int, traced: TracedStep | None = None) -> StepProgram | None:
+    """The step split around its ``al.value_and_grad``; None when it has none. ``traced``: the
+    step's full-batch trace when already made (``trace_step``)."""
+    traced = traced if traced is not None else trace_step(fn, args, static)
+    avals, full = list(traced.avals), traced.full
     found = _vag_positions(full.jaxpr)
     if not found:
         return None
@@ -158,7 +177,7 @@ def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int
     for k in batch_leaves:
         shape = avals[k].shape
         mb_avals[k] = jax.ShapeDtypeStruct((shape[0] // B, *shape[1:]), avals[k].dtype)
-    micro_trace = _trace(flat_fn, mb_avals)
+    micro_trace = full if B == 1 else _trace(traced.flat_fn, mb_avals)  # one microbatch = the batch
     mb_found = _vag_positions(micro_trace.jaxpr)
     if len(mb_found) != 1:
         raise PlanningError("the step traces differently for one microbatch (no single "
@@ -172,7 +191,7 @@ def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int
                                 "microbatches (the batch): a pipeline accumulates gradients of "
                                 "weights only; plan with num_stages=1")
     return StepProgram(full.jaxpr, tuple(full.consts), found[0], loss, micro, B, batch_size,
-                       tuple(batch_leaves), tuple(state_leaves), in_tree, out_tree[0])
+                       tuple(batch_leaves), tuple(state_leaves), traced.in_tree, traced.out_tree)
 
 
 def _batch_size(avals: Sequence[Any], batch_leaves: Sequence[int]) -> int:

@@ -30,6 +30,7 @@ from alpa_lite.tracer import trace
 from cost_model.builder import StrategyGraph, build_strategies
 from cost_model.resharding import reshard
 from ilp import IlpOptions, IlpSolution, NoSolutionError
+from ilp.problem import DETERMINISTIC_SHARE
 
 log = logging.getLogger("alpa_lite.planner")
 METHODS = ("auto", *BASELINES)
@@ -121,27 +122,39 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     ``progress``, when given, is called with each phase's name as it starts: "tracing",
     "strategies", "ILP", "DP" (the CLI shows them on a terminal).
     """
-    progress = progress or (lambda phase: None)
     if method not in METHODS:
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
     if not time_limit_s > 0:
         raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     if num_stages not in (None, 1) or (num_stages is None and method == "auto"
                                        and _uses_pipeline_markers(fn, args, static_argnums)):
-        progress("DP")
+        (progress or (lambda phase: None))("DP")
         from alpa_lite.pipeline_planner import plan_pipeline
 
         return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
                              memory_budget=memory_budget, num_stages=num_stages,
                              num_microbatches=num_microbatches, batch_argnums=batch_argnums,
-                             static_argnums=static_argnums, time_limit_s=time_limit_s)
+                             static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+    return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget,
+                          batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                          static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+
+
+def plan_one_stage(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
+                   method: str = "auto", memory_budget: float | None = None,
+                   batch_argnums: Sequence[int] | None = None, donate_argnums: Sequence[int] | None = None,
+                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0,
+                   progress: Callable[[str], None] | None = None, graph: OpGraph | None = None) -> Plan:
+    """``plan(..., num_stages=1)``; ``graph``: ``fn`` already traced on ``args`` (the pipeline
+    planner traces the step once for its own plan and this candidate)."""
+    progress = progress or (lambda phase: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     progress("tracing")
     mesh, cluster = resolve_mesh(mesh, cluster)
     static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
-    graph = trace(fn, *args, static_argnums=static)
-    out_example = _out_example(graph, fn, args, static)
+    graph = trace(fn, *args, static_argnums=static) if graph is None else graph
+    out_example = out_example_of(graph, fn, args, static)
     timings["trace_s"] = time.perf_counter() - t0
     ties, tied_args = find_ties(graph, args, static, out_example)
     t1 = time.perf_counter()
@@ -152,7 +165,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     masks = None
     unsplit: list[str] = []
     if method != "auto":
-        state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
+        state, batch = state_and_batch(args, static, tied_args, batch_argnums)
         specs = baseline_input_specs(method, graph, cluster.axis_sizes, cluster.axis_names,
                                      state, batch, _state_groups(args, static, tied_args or [0]), unsplit)
         for message in unsplit:
@@ -168,7 +181,7 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
         iop, sol = solve_within_budget(
             lambda exact: iop if not exact else build_problem(sgraph, ties, budget, masks, exact_copies=True,
                                                               all_rows=True),
-            IlpOptions(time_limit_s=time_limit_s))
+            _ilp_options(time_limit_s))
     except NoSolutionError:
         if method != "auto":
             raise
@@ -201,12 +214,18 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                    warnings=result.warnings + tuple(unsplit))
 
 
+def _ilp_options(time_limit_s: float) -> IlpOptions:
+    """``time_limit_s`` as a search budget: ``DETERMINISTIC_SHARE`` of it in CP-SAT's deterministic
+    units (the same plan in every run and process), the wall clock a safety net beyond it."""
+    return IlpOptions.deterministic(DETERMINISTIC_SHARE * time_limit_s, min_wall_s=time_limit_s)
+
+
 def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: float, args: Sequence[Any],
                           static: Sequence[int], tied_args: Sequence[int], batch_argnums: Sequence[int] | None,
                           time_limit_s: float) -> tuple[IntraOpProblem, IlpSolution, str]:
     """The cheapest hand strategy that solves: (problem, solution, baseline name)."""
     graph = sgraph.graph
-    state, batch = _state_and_batch(args, static, tied_args, batch_argnums)
+    state, batch = state_and_batch(args, static, tied_args, batch_argnums)
     groups = _state_groups(args, static, tied_args or [0])
     best = None
     for m in BASELINES:
@@ -218,7 +237,7 @@ def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: f
             iop, sol = solve_within_budget(
                 lambda exact, mask=mask: build_problem(sgraph, ties, budget, mask, exact_copies=exact,
                                                        all_rows=exact),
-                IlpOptions(time_limit_s=max(time_limit_s, 30.0)))
+                _ilp_options(max(time_limit_s, 30.0)))
         except PlanningError:
             continue
         if best is None or sol.objective < best[1].objective:
@@ -229,7 +248,7 @@ def _fallback_to_baseline(sgraph: StrategyGraph, ties: dict[int, int], budget: f
     return best
 
 
-def _out_example(graph: OpGraph, fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
+def out_example_of(graph: OpGraph, fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> Any:
     """The result's shapes and dtypes as a pytree, from the traced graph (a second trace costs
     as much as the first: 3 s of 9 for a 96-layer GPT); traced again only for PRNG-key outputs."""
     if graph.out_tree is None or any(graph.tensors[t].dtype.startswith("key<") for t in graph.outputs):
@@ -259,7 +278,7 @@ def _eval_shape_static(fn: Callable[..., Any], args: Sequence[Any], static: Sequ
     return jax.eval_shape(f, *dyn)
 
 
-def _state_and_batch(args: Sequence[Any], static: Sequence[int], tied_args: Sequence[int],
+def state_and_batch(args: Sequence[Any], static: Sequence[int], tied_args: Sequence[int],
                      batch_argnums: Sequence[int] | None) -> tuple[list[int], list[int]]:
     """Flat input positions of the state and of the batch."""
     dyn = [i for i in range(len(args)) if i not in static]

@@ -1,5 +1,9 @@
 """Planning progress on a terminal: a spinner per phase ("tracing", "strategies", "ILP", "DP").
 
+A phase named "group: step" (the pipeline search: "pipeline B=4: layer 2/3 on view (8, 1)")
+updates the line of the phase before it when that one is of the same group, so a search of many
+steps shows one line per group, each saying where it is.
+
 ``PlanProgress`` is the ``progress=`` callback of ``al.plan``. It draws on stderr only when
 stderr is a terminal, and erases itself when done, so piped or redirected output stays clean
 (no escape codes, no progress lines) and the report that follows is the only thing printed.
@@ -35,8 +39,13 @@ class PlanProgress:
         return self
 
     def __call__(self, phase: str) -> None:
+        group = phase.split(":")[0] if ":" in phase else None
+        same = group is not None and self.phases and self.phases[-1].startswith(f"{self.prefix}{group}:")
         self.phases.append(f"{self.prefix}{phase}")
         if self._progress is None:
+            return
+        if same and self._task is not None:
+            self._progress.update(self._task, description=f"{self.prefix}{phase} …")
             return
         if self._task is not None:
             self._progress.update(self._task, completed=1, total=1)

@@ -40,7 +40,8 @@ _INLINE: dict[Any, str] = {
 
 
 def register_inline(primitive: Any, jaxpr_param: str) -> None:
-    """Treat ``primitive`` as a call whose body (in ``params[jaxpr_param]``) is inlined."""
+    """Treat ``primitive`` as a call whose body (in ``params[jaxpr_param]``) is inlined; the param
+    holds a (closed) jaxpr, or a zero-argument callable returning one (traced on first use)."""
     _INLINE[primitive] = jaxpr_param
 
 
@@ -162,6 +163,8 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
 
 def _inline(b: _Builder, eqn: Any, ins: list[int], live_out: Sequence[bool]) -> list[int | None]:
     body = eqn.params[_INLINE[eqn.primitive]]
+    if callable(body) and not isinstance(body, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+        body = body()
     if isinstance(body, jcore.ClosedJaxpr):
         return _walk(b, body.jaxpr, body.consts, ins, live_out)
     return _walk(b, body, (), ins, live_out)

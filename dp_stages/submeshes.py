@@ -8,8 +8,12 @@ is a power of two; we also allow other M by adding (1,M) itself.
 from __future__ import annotations
 
 
-def submesh_shapes(num_hosts: int, devices_per_host: int) -> list[tuple[int, int]]:
-    """Candidate (hosts, devices) shapes: (1, 2^i) up to M, (1, M), then (k, M) for k = 2..N."""
+def submesh_shapes(num_hosts: int, devices_per_host: int, host_counts: str = "all") -> list[tuple[int, int]]:
+    """Candidate (hosts, devices) shapes: (1, 2^i) up to M, (1, M), then (k, M) for k = 2..N
+    (``host_counts="all"``) or for k a power of two and N (``"pow2"``, Alpa's "power_of_two"
+    space: log2 N shapes instead of N − 1; every total still has an exact cover)."""
+    if host_counts not in ("all", "pow2"):
+        raise ValueError(f"host_counts must be 'all' or 'pow2', got {host_counts!r}")
     if num_hosts < 1 or devices_per_host < 1:
         raise ValueError(
             f"need num_hosts >= 1 and devices_per_host >= 1, got {num_hosts} x {devices_per_host}"
@@ -21,7 +25,10 @@ def submesh_shapes(num_hosts: int, devices_per_host: int) -> list[tuple[int, int
         m *= 2
     if shapes[-1][1] != devices_per_host:  # M not a power of two: the whole host is a choice too
         shapes.append((1, devices_per_host))
-    shapes.extend((k, devices_per_host) for k in range(2, num_hosts + 1))
+    ks = range(2, num_hosts + 1)
+    if host_counts == "pow2":
+        ks = [k for k in ks if k & (k - 1) == 0 or k == num_hosts]
+    shapes.extend((k, devices_per_host) for k in ks)
     return shapes
 
 

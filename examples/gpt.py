@@ -36,6 +36,8 @@ class GPTConfig:
     n_layers: int = 4
     d_ff: int = 256
     dtype: Any = jnp.float32
+    tie_embeddings: bool = False  # the output logits use the token embedding, transposed (GPT-2)
+    mark_layers: bool = True  # al.mark_layer after every block; False: the planner clusters layers
 
 
 def large_config(n_layers: int = 24) -> GPTConfig:
@@ -57,8 +59,11 @@ def init_params(key: jax.Array, cfg: GPTConfig) -> dict[str, Any]:
     blocks = [{"ln1": norm(), "qkv": dense(next(keys), d, 3 * d), "out": dense(next(keys), d, d),
                "ln2": norm(), "fc1": dense(next(keys), d, f), "fc2": dense(next(keys), f, d)}
               for _ in range(cfg.n_layers)]
-    return {"wte": dense(next(keys), cfg.vocab, d), "wpe": dense(next(keys), cfg.seq, d),
-            "blocks": blocks, "ln_f": norm(), "head": dense(next(keys), d, cfg.vocab)}
+    params = {"wte": dense(next(keys), cfg.vocab, d), "wpe": dense(next(keys), cfg.seq, d),
+              "blocks": blocks, "ln_f": norm(), "head": dense(next(keys), d, cfg.vocab)}
+    if cfg.tie_embeddings:
+        del params["head"]
+    return params
 
 
 def layer_norm(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -83,22 +88,25 @@ def block(p: dict[str, Any], x: jax.Array, n_heads: int) -> jax.Array:
     return x + jax.nn.gelu(layer_norm(p["ln2"], x) @ p["fc1"]) @ p["fc2"]
 
 
-def loss_fn(params: dict[str, Any], tokens: jax.Array, targets: jax.Array, n_heads: int) -> jax.Array:
-    """Mean next-token cross entropy; a layer boundary after every block."""
+def loss_fn(params: dict[str, Any], tokens: jax.Array, targets: jax.Array, n_heads: int,
+            mark_layers: bool = True) -> jax.Array:
+    """Mean next-token cross entropy; a layer boundary after every block unless ``mark_layers``
+    is False. Without a ``head`` matrix the logits use the token embedding, transposed."""
     x = jnp.take(params["wte"], tokens, axis=0) + params["wpe"][None, : tokens.shape[1]]
     n = len(params["blocks"])
     for i, p in enumerate(params["blocks"]):
         x = block(p, x, n_heads)
-        if i < n - 1:
+        if mark_layers and i < n - 1:
             x = al.mark_layer(x)
-    logits = (layer_norm(params["ln_f"], x) @ params["head"]).astype(jnp.float32)
+    head = params["head"] if "head" in params else params["wte"].T
+    logits = (layer_norm(params["ln_f"], x) @ head).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.sum(logp * jax.nn.one_hot(targets, logits.shape[-1]), axis=-1))
 
 
 def make_step(cfg: GPTConfig, optimizer: optax.GradientTransformation) -> Callable[..., Any]:
     def train_step(params, opt_state, tokens, targets):
-        loss, grads = al.value_and_grad(loss_fn)(params, tokens, targets, cfg.n_heads)
+        loss, grads = al.value_and_grad(loss_fn)(params, tokens, targets, cfg.n_heads, cfg.mark_layers)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

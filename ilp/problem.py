@@ -93,6 +93,12 @@ class IlpProblem:
 # second on planning models (lower with other work on the machine), so half the wall limit
 # is usually reached first.
 DETERMINISTIC_SHARE = 0.5
+# The wall-clock safety net of a search bounded by deterministic units (``IlpOptions.deterministic``),
+# seconds per unit. Measured with ortools 9.15 on this project's 2-core machine: idle, 0.2 to 0.6
+# units per second on planning models (a 96-layer GPT's tied model: 6.2 units in 12.6 s), with
+# other work beside it 0.1 to 0.3 (17.4 units in 60 s seen): 10 s per unit leaves the
+# deterministic limit the one that stops a search down to 0.1 units per second.
+WALL_S_PER_UNIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,13 @@ class IlpOptions:
     # their distance to the program's ends (embedding, loss) and give larger models.
     tie_rounds: int = 2
     tie_min_nodes: int = 300
+
+    @classmethod
+    def deterministic(cls, units: float, min_wall_s: float = 10.0, **kw) -> IlpOptions:
+        """A search bounded by ``units`` of CP-SAT's deterministic time, the same in every run and
+        process; the wall clock (``WALL_S_PER_UNIT`` per unit, at least ``min_wall_s``: model
+        building and presolve count little deterministic time) only as a safety net."""
+        return cls(time_limit_s=max(min_wall_s, WALL_S_PER_UNIT * units), deterministic_time=units, **kw)
 
     def __post_init__(self) -> None:
         if not self.time_limit_s > 0:

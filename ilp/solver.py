@@ -249,7 +249,8 @@ def _run(model: Model, options: IlpOptions, time_limit_s: float):
         solver.log_callback = logger.info
     tick = time.perf_counter()
     status = _solve_interruptibly(solver, model.cp)
-    logger.info("CP-SAT %s in %.3f s", solver.status_name(status), time.perf_counter() - tick)
+    logger.info("CP-SAT %s in %.3f s (%.3g deterministic units)", solver.status_name(status),
+                time.perf_counter() - tick, solver.deterministic_time)
     if status == cp_model.MODEL_INVALID:
         raise RuntimeError(f"invalid CP-SAT model (a bug in ilp): {model.cp.validate()}")
     return solver, status

@@ -1,0 +1,73 @@
+"""The default pipeline search: deterministic across processes, and saying what it is doing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import alpa_lite as al
+from alpa_lite.pipeline_planner import plan_pipeline
+from tests.alpa_lite.test_pipeline_numerics import CLUSTER, mlp_example
+from tests.helpers import make_mesh
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {root!r})
+    import alpa_lite as al
+    from tests.alpa_lite.test_determinism import without_times
+    from tests.alpa_lite.test_pipeline_numerics import CLUSTER, mlp_example
+    fn, args = mlp_example(4, batch=64)
+    plan = al.plan(fn, *args, cluster=CLUSTER, num_stages=2)
+    print("PLAN" + json.dumps(without_times(plan.to_dict()), sort_keys=True))
+""")
+
+
+def _plan_in_subprocess(hash_seed: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=str(ROOT))], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")]
+    return line[len("PLAN"):]
+
+
+def test_pipeline_plan_json_is_the_same_in_two_processes():
+    """Every layer ILP stops by its deterministic limit or at the optimum, never by the wall
+    clock, so two fresh interpreters (other hash seeds: other set and dict orders) agree on the
+    whole plan: stages, views, microbatches, every layer's specs."""
+    a, b = _plan_in_subprocess("1"), _plan_in_subprocess("2")
+    plan = json.loads(a)
+    assert plan["pipeline"] is not None and len(plan["stages"]) == 2
+    assert a == b
+
+
+def test_progress_names_every_phase_of_the_search():
+    fn, args = mlp_example(3)
+    phases: list[str] = []
+    plan = al.plan(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_microbatches=2,
+                   progress=phases.append)
+    assert phases[0] == "DP" and phases[1] == "tracing"
+    assert "pipeline B=2: tracing a microbatch" in phases
+    layer_steps = [p for p in phases if p.startswith("pipeline B=2: layer ")]
+    assert layer_steps and all(" on view (" in p for p in layer_steps)
+    assert "pipeline B=2: stage DP" in phases and phases[-1] == "one-stage candidate"
+    assert plan.timings.keys() >= {"trace_s", "layer_ilp_s", "dp_s", "one_stage_s", "total_s"}
+
+
+def test_solver_note_says_when_spanning_sub_meshes_are_restricted():
+    """On more than 4 hosts the sub-meshes across hosts span a power of two of them (or all):
+    a restriction of the search, which the plan says."""
+    fn, args = mlp_example(3)
+    cluster = al.ClusterSpec.preset("dgx-h100", num_hosts=6, devices_per_host=8)
+    plan = plan_pipeline(fn, *args, cluster=cluster, num_stages=2, num_microbatches=2)
+    assert "power of two of hosts or all 6" in plan.solver.note
+    few = plan_pipeline(fn, *args, cluster=cluster.with_mesh((4, 8), ("x", "y")), num_stages=2,
+                        num_microbatches=2)
+    assert "power of two" not in few.solver.note
