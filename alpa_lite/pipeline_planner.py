@@ -25,8 +25,11 @@ cluster has several hosts (the DP does not know whether neighbours share a host)
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,6 +59,7 @@ from dp_stages import logical_views as views_of
 from dp_stages import stage_dp, submesh_shapes
 from dp_stages.stage_costs import SCHEDULES, LayerCosts, Link, StageTables, bubble_fraction, stage_tables
 from dp_stages.stage_count import stage_dp_count
+from ilp.solver import format_bytes
 
 log = logging.getLogger("alpa_lite.pipeline")
 
@@ -63,6 +67,8 @@ log = logging.getLogger("alpa_lite.pipeline")
 # forward+backward; on a 1-D view CP-SAT proves most optimal in well under a second, on a 2-D
 # view it may stop at a feasible plan (a worse one than another view's is simply not used).
 LAYER_TIME_LIMIT_S = 2.0
+# Layer ILPs solved at once (threads; at most the machine's cores).
+LAYER_WORKERS = 4
 MAX_MICROBATCHES = 64
 
 
@@ -94,10 +100,11 @@ class Candidate:
     sols: dict[tuple[str, tuple[int, int]], LayerSolution]
     views: list[tuple[int, int]]
     submeshes: tuple[tuple[int, int], ...]
-    tables: StageTables
+    tables: StageTables | None  # None: the memory floor alone rules every pipeline out
     stages: tuple[tuple[int, int, int], ...]
     cost: float
     ilp_s: float
+    floor_bytes: float = 0.0  # ``memory_floor``: bytes every pipeline of this B needs in all
 
 
 def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
@@ -149,6 +156,13 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         if best is None:
             raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
                                 "al.value_and_grad (the loss it pipelines)")
+        if best.tables is None:
+            capacity = st.budget * st.hosts * st.per_host
+            raise InfeasibleError(
+                f"no pipeline fits: its weights, optimizer state and in-flight activations need at least "
+                f"{format_bytes(best.floor_bytes)} over all devices, and {st.hosts * st.per_host} devices × "
+                f"{format_bytes(st.budget)} hold {format_bytes(capacity)}: use more devices, a smaller batch "
+                "or schedule='1f1b' (fewer microbatches in flight)")
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
                               "raise memory_budget, use more microbatches or another num_stages")
     one = None
@@ -251,6 +265,8 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
             best = cand
         elif np.isfinite(best.cost):
             break
+        if cand.tables is None and st.schedule == "gpipe":
+            break  # the floor does not fall with B under GPipe (B microbatches in flight)
     return best
 
 
@@ -279,17 +295,16 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
             graphs[sig] = layer_graph(layer, weights)
     tick = _add_time(timings, "trace_s", tick)
     submeshes, sub_views, views = _candidate_views(st)
-    sols, ilp_s = {}, 0.0
-    distinct = list(dict.fromkeys(sigs))
-    for layer, sig in zip(layers, sigs):
-        for v in views:
-            if (sig, v) not in sols:
-                progress(f"pipeline B={B}: layer {distinct.index(sig) + 1}/{len(distinct)} on view {v}")
-                sols[(sig, v)] = solve_layer(layer, graphs[sig], sig, st.cluster, v, st.layer_time_limit_s)
-                ilp_s += sols[(sig, v)].wall_s
+    factor = _weight_factor(prog, args, st)
+    floor = memory_floor(layers, [graphs[sig] for sig in sigs], factor, B if st.schedule == "gpipe" else 1)
+    if floor > st.budget * st.hosts * st.per_host:
+        log.info("B=%d: no pipeline fits: weights, state and in-flight activations need %.4g B in all, the "
+                 "cluster holds %.4g B", B, floor, st.budget * st.hosts * st.per_host)
+        return Candidate(prog, layers, sigs, graphs, {}, views, submeshes, None, (), math.inf, 0.0, floor)
+    sols = _solve_layers(layers, sigs, graphs, views, st, B, progress)
+    ilp_s = sum(x.wall_s for x in sols.values())
     tick = _add_time(timings, "layer_ilp_s", tick)
     progress(f"pipeline B={B}: stage DP")
-    factor = _weight_factor(prog, args, st)
     costs = _layer_costs(prog, layers, sigs, graphs, sols, views, st, factor)
     links = (_send_link(st),) * len(submeshes)
     tables = stage_tables(costs, submeshes, sub_views, st.hosts, st.per_host, B, st.budget, links,
@@ -301,6 +316,26 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     _add_time(timings, "dp_s", tick)
     stages = sp.stages if sp is not None else ()
     return Candidate(prog, layers, sigs, graphs, sols, views, submeshes, tables, stages, float(cost), ilp_s)
+
+
+def _solve_layers(layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
+                  views: list[tuple[int, int]], st: _Settings, B: int,
+                  progress: Callable[[str], None]) -> dict[tuple[str, tuple[int, int]], LayerSolution]:
+    """Every distinct layer's ILP on every view, ``LAYER_WORKERS`` at a time: CP-SAT runs outside
+    the GIL, so one problem is built while another is solved. Each search is bounded by
+    deterministic units, so the solutions do not depend on the order or the overlap."""
+    first = {sig: layer for layer, sig in zip(layers, sigs)}
+    distinct = list(first)
+    jobs = [(sig, v) for sig in distinct for v in views]
+
+    def run(job: tuple[str, tuple[int, int]]) -> LayerSolution:
+        sig, v = job
+        progress(f"pipeline B={B}: layer {distinct.index(sig) + 1}/{len(distinct)} on view {v}")
+        return solve_layer(first[sig], graphs[sig], sig, st.cluster, v, st.layer_time_limit_s)
+
+    workers = max(1, min(LAYER_WORKERS, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(jobs, pool.map(run, jobs)))
 
 
 def _auto_layers(st: _Settings) -> int:
@@ -368,6 +403,23 @@ def _weight_factor(prog: StepProgram, args: Sequence[Any], st: _Settings) -> flo
     loss = prog.loss
     weights = sum(tensor_info(v.aval).nbytes for v, d in zip(loss.invars, loss.diff_invars) if d)
     return 1.0 + max(state / weights, 1.0) if weights else 2.0
+
+
+def memory_floor(layers: Sequence[Layer], graphs: Sequence[LayerGraph], factor: float, inflight: int) -> float:
+    """Bytes every pipeline needs summed over its devices, whatever its layer plans:
+    ``factor`` × each weight (counted once) + ``inflight`` × each layer's residuals. A stage on n
+    devices holds at least 1/n of every tensor it keeps (a split divides bytes, replication
+    multiplies them), so Σ_stages n·memory ≥ this floor; above N·M (devices × budget) no stage
+    plan fits: the stage tables would be infinite everywhere, and the layer ILPs are skipped."""
+    weights: dict[Any, int] = {}
+    resid = 0
+    for layer, lg in zip(layers, graphs):
+        g = lg.graph
+        held = {g.inputs[k] for k in lg.weight_inputs}
+        for k in lg.weight_inputs:
+            weights[layer.inputs[k]] = g.tensors[g.inputs[k]].nbytes
+        resid += sum(g.tensors[t].nbytes for t in lg.residuals if t not in held)
+    return factor * sum(weights.values()) + inflight * resid
 
 
 def _aval(x: Any) -> Any:

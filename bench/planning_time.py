@@ -5,6 +5,8 @@ devices and on simulated clusters of H100s (AbstractMesh: lowered, never compile
     python bench/planning_time.py [--layers 12 24 48 96] [--devices 8 64 256] [--hidden 8192]
                                   [--num-stages 1] [--time-limit 600] [--batch B] [--json out.json]
     python bench/planning_time.py --smallest      # the smoke test
+    python bench/planning_time.py --targets gpt96 gpt3-175b gpt-1.3b   # stages and microbatches left
+                                                  # to the planner (one process per row: --targets X)
 
 Columns on the ILP's size: "ILP nodes" (ops, output sinks, resharded copies), "after merging"
 (leaders once followers are folded into them, ``ilp.merge``), "after tying" (classes once
@@ -20,10 +22,11 @@ import time
 
 import bench.common as common
 import jax
+import jax.numpy as jnp
 
 import alpa_lite as al
 from alpa_lite.errors import InfeasibleError
-from examples.gpt import GPTConfig, abstract_example
+from examples.gpt import GPTConfig, abstract_example, real_target
 
 
 def gpt_config(layers: int, hidden: int) -> GPTConfig:
@@ -87,6 +90,59 @@ def run(layers: list[int], devices: list[int], hidden: int, num_stages: int | No
     return dict(rows=recs, machine=common.machine())
 
 
+# The default path at scale: ``al.plan`` with num_stages and num_microbatches left to the planner.
+TARGETS = {
+    # 96 layers, hidden 8192, 64 heads, sequence 1024, batch 16, vocab 51,200 (f32) on 64 H100s
+    "gpt96": (lambda: abstract_example(GPTConfig(vocab=51200, seq=1024, d_model=8192, n_heads=64, n_layers=96,
+                                                 d_ff=4 * 8192), batch=16),
+              lambda: al.ClusterSpec.preset("dgx-h100", num_hosts=8)),
+    # GPT-3 175B (Brown et al. 2020, table 2.1): 96 layers, hidden 12288, 96 heads, sequence 2048,
+    # batch 1536, bf16, on 1024 A100s (128 DGX-A100 hosts)
+    "gpt3-175b": (lambda: abstract_example(GPTConfig(vocab=51200, seq=2048, d_model=12288, n_heads=96,
+                                                     n_layers=96, d_ff=4 * 12288, dtype=jnp.bfloat16),
+                                           batch=1536),
+                  lambda: al.ClusterSpec.preset("dgx-a100", num_hosts=128)),
+    # GPT-3 1.3B's shape, batch 64 (examples.gpt:real_target) on 2 DGX-H100 hosts
+    "gpt-1.3b": (real_target, lambda: al.ClusterSpec.preset("dgx-h100", num_hosts=2)),
+}
+
+
+def target_row(name: str) -> dict:
+    """Plan one target with default arguments; its phases and the plan found."""
+    make, make_cluster = TARGETS[name]
+    fn, args = make()
+    cluster = make_cluster()
+    t0 = time.perf_counter()
+    plan = al.plan(fn, *args, cluster=cluster)
+    rec = dict(target=name, devices=cluster.num_devices, plan_s=time.perf_counter() - t0, **plan.timings,
+               status=plan.solver.status, predicted_step_s=plan.cost.total_s, note=plan.solver.note,
+               microbatches=plan.pipeline.num_microbatches if plan.pipeline else 1,
+               stages=[dict(layers=list(s.layers), submesh=list(s.submesh), view=list(s.view or s.submesh))
+                       for s in plan.stages])
+    return rec
+
+
+def run_targets(names: list[str]) -> dict:
+    recs = [target_row(n) for n in names]
+    rows = [[r["target"], r["devices"], f"{r['plan_s']:.1f}", f"{r.get('trace_s', 0):.1f}",
+             f"{r.get('layer_ilp_s', 0):.1f}", f"{r.get('dp_s', 0):.1f}", f"{r.get('one_stage_s', 0):.1f}",
+             r["status"], f"{r['predicted_step_s'] * 1e3:.1f}", r["microbatches"], _stages_text(r["stages"])]
+            for r in recs]
+    common.print_table(f"Planning time, stages and microbatches left to the planner ({common.machine()})",
+                       ["target", "devices", "plan s", "trace s", "layer ILPs s", "stage DP s",
+                        "one-stage candidate s", "status", "predicted step ms", "B", "stages (layers: view)"],
+                       rows)
+    return dict(rows=recs, machine=common.machine())
+
+
+def _stages_text(stages: list[dict]) -> str:
+    if len(stages) == 1:
+        return f"1 stage: {tuple(stages[0]['view'])}"
+    parts = [f"{s['layers'][0]}-{s['layers'][1]}: {tuple(s['view'])}" for s in stages[:4]]
+    more = f" … ({len(stages)} stages)" if len(stages) > 4 else ""
+    return "; ".join(parts) + more
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48, 96])
@@ -98,9 +154,13 @@ if __name__ == "__main__":
     ap.add_argument("--smallest", action="store_true", help="1 layer, hidden 64, a 1-D mesh of 8 (smoke test)")
     ap.add_argument("--no-compile", action="store_true",
                     help="plan only on real devices (XLA's compile of a 96-layer step needs more than 24 GB)")
+    ap.add_argument("--targets", nargs="+", choices=sorted(TARGETS),
+                    help="plan these with stages and microbatches left to the planner (instead of the series)")
     ap.add_argument("--json")
     a = ap.parse_args()
-    if a.smallest:
+    if a.targets:
+        out = run_targets(a.targets)
+    elif a.smallest:
         out = run([1], [8], 64, 1, 60.0, flat=True)
     else:
         out = run(a.layers, a.devices, a.hidden, a.num_stages, a.time_limit, batch=a.batch,

@@ -9,7 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import alpa_lite as al
+from alpa_lite import pipeline_planner
+from alpa_lite.errors import InfeasibleError
 from alpa_lite.pipeline_planner import plan_pipeline
 from tests.alpa_lite.test_pipeline_numerics import CLUSTER, mlp_example
 from tests.helpers import make_mesh
@@ -71,3 +75,31 @@ def test_solver_note_says_when_spanning_sub_meshes_are_restricted():
     few = plan_pipeline(fn, *args, cluster=cluster.with_mesh((4, 8), ("x", "y")), num_stages=2,
                         num_microbatches=2)
     assert "power of two" not in few.solver.note
+
+
+def test_memory_floor_rules_out_every_pipeline_before_any_layer_ilp(monkeypatch):
+    """Weights × state factor + in-flight activations over N·M: no stage plan can fit, so the
+    layer ILPs are not solved and the error says how much is needed against what the cluster holds."""
+    fn, args = mlp_example(4, batch=64)
+    solved = []
+    monkeypatch.setattr(pipeline_planner, "solve_layer", lambda *a, **k: solved.append(a))
+    with pytest.raises(InfeasibleError, match=r"no pipeline fits: .* need at least .* over all devices"):
+        plan_pipeline(fn, *args, cluster=CLUSTER, num_stages=2, memory_budget=4096)
+    assert solved == []
+
+
+def test_memory_floor_is_below_what_every_planned_stage_holds():
+    """The floor is a lower bound: Σ over stages of devices × memory of the plan found is above it."""
+    fn, args = mlp_example(4, batch=64)
+    captured = {}
+    real = pipeline_planner.memory_floor
+
+    def spy(*a, **k):
+        captured["floor"] = real(*a, **k)
+        return captured["floor"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_planner, "memory_floor", spy)
+        plan = plan_pipeline(fn, *args, cluster=CLUSTER, num_stages=2, num_microbatches=4)
+    held = sum(len(s.devices) * s.memory_bytes for s in plan.stages)
+    assert 0 < captured["floor"] <= held
