@@ -146,7 +146,8 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                               batch_argnums=batch_argnums, static_argnums=static_argnums,
                               time_limit_s=time_limit_s, graph=graph)
 
-    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress)
+    tried: list[int] = []
+    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, tried)
     if best is None or not np.isfinite(best.cost):
         if num_stages is None:
             t1 = time.perf_counter()
@@ -172,12 +173,13 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         timings["one_stage_s"] = time.perf_counter() - t1
         if one is not None and one.cost.total_s <= best.cost:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
-                    f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms")
+                    f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms; "
+                    f"{_search_note(tried, num_microbatches)}")
             note = f"{one.solver.note}; {note}" if one.solver.note else note
             timings["total_s"] = time.perf_counter() - t0  # the search's phases, then the candidate's
             return replace(one, solver=replace(one.solver, note=note), timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return _assemble(args, graph, mesh, st, best, one, timings)
+    return _assemble(args, graph, mesh, st, best, one, timings, _search_note(tried, num_microbatches))
 
 
 def _check_options(method: str, schedule: str, logical_views: str, num_stages: int | None) -> None:
@@ -245,10 +247,18 @@ def _microbatch_counts(batch_size: int, given: int | None) -> list[int]:
             and batch_size % b == 0]
 
 
+def _search_note(tried: Sequence[int], given: int | None) -> str:
+    if given is not None:
+        return f"B={given} as given"
+    return (f"microbatch counts tried: {', '.join(map(str, tried))} (the search stops at the first "
+            "count that does not improve, a heuristic)")
+
+
 def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, given: int | None,
-                         timings: dict[str, float], progress: Callable[[str], None]) -> Candidate | None:
+                         timings: dict[str, float], progress: Callable[[str], None],
+                         tried: list[int]) -> Candidate | None:
     """The best candidate over B = 1, 2, 4, ...; stops at the first B that does not improve
-    (each B solves the layers again: their shapes change)."""
+    (each B solves the layers again: their shapes change); ``tried`` gets each B tried."""
     leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
@@ -257,6 +267,7 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
     traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
     _add_time(timings, "trace_s", tick)
     for B in _microbatch_counts(batch_size, given):
+        tried.append(B)
         cand = _plan_for(fn, args, st, B, timings, traced, progress)
         if cand is None:
             return None
@@ -574,7 +585,7 @@ def place_stages(shapes: Sequence[tuple[int, int]], hosts: int, per_host: int) -
 
 
 def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: Candidate,
-              one: Plan | None, timings: dict[str, float]) -> Plan:
+              one: Plan | None, timings: dict[str, float], search_note: str) -> Plan:
     B = c.prog.num_microbatches
     tab, dpi = c.tables, c.tables.dp_input
     shapes = [c.submeshes[s] for _, _, s in c.stages]
@@ -602,7 +613,7 @@ def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: 
     worst = "OPTIMAL" if all(x.status == "OPTIMAL" for x in sols) else "FEASIBLE"
     # The DP is exact on its tables: bound = objective; the layer ILPs' own gaps are not summed.
     note = (f"pipeline: {len(c.graphs)} distinct layers × {len(c.views)} views solved by the "
-            "intra-op ILP; stages by the stage DP")
+            f"intra-op ILP; stages by the stage DP; {search_note}")
     if _host_counts(st) == "pow2":
         note += f"; sub-meshes across hosts span a power of two of hosts or all {st.hosts} (a restriction)"
     solver = SolverInfo(worst, c.cost, c.cost, 0.0, c.ilp_s, 0, 0, note=note)

@@ -103,3 +103,13 @@ def test_memory_floor_is_below_what_every_planned_stage_holds():
         plan = plan_pipeline(fn, *args, cluster=CLUSTER, num_stages=2, num_microbatches=4)
     held = sum(len(s.devices) * s.memory_bytes for s in plan.stages)
     assert 0 < captured["floor"] <= held
+
+
+def test_solver_note_names_the_microbatch_counts_tried():
+    """The microbatch search stops at the first count that does not improve: a heuristic, which
+    the plan's note says, with the counts it tried."""
+    fn, args = mlp_example(3)
+    plan = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=2)
+    assert "microbatch counts tried: 1, " in plan.solver.note and "a heuristic" in plan.solver.note
+    given = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=2, num_microbatches=4)
+    assert "B=4 as given" in given.solver.note

@@ -144,7 +144,7 @@ def _plan_and_run(fn, args, **kw) -> None:
     assert np.isfinite(plan.cost.total_s) and plan.cost.total_s > 0
     if kw.get("num_stages"):
         assert plan.pipeline is not None and len(plan.stages) == kw["num_stages"]
-    assert_steps_equal(plan.compile(fn), fn, args, 2, steps=2, rtol=2e-4, atol=2e-5)
+    assert_steps_equal(plan.compile(fn), fn, args, 2, steps=2, rtol=2e-4, atol=1e-4)  # adam: see README "Numerics"
 
 
 def test_tied_embedding_gpt_with_tiny_layer_limits_runs_equal_to_unsharded():
@@ -173,7 +173,7 @@ def test_default_plan_of_a_tied_embedding_gpt_runs_equal_to_unsharded():
     fn, args = tied_gpt(n_layers=2)
     plan = al.plan(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER)
     assert np.isfinite(plan.cost.total_s)
-    assert_steps_equal(plan.compile(fn), fn, args, 2, steps=2, rtol=2e-4, atol=2e-5)
+    assert_steps_equal(plan.compile(fn), fn, args, 2, steps=2, rtol=2e-4, atol=1e-4)  # adam: see README "Numerics"
 
 
 def test_value_and_grad_output_types_need_no_differentiation():
