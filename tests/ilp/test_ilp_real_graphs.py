@@ -74,26 +74,23 @@ CASES = {
 # replicated leader, slicing is free, so a reduce following a replicated tanh picked a split
 # input and made a partial sum whose all-reduce was ignored (2e-5 s against an optimum near
 # 1e-7 s). The planner now tells the ILP which follower strategy keeps the leader's layout
-# (``IlpProblem.follow``), as Alpa merges: most cases are now exact, but a follower still cannot
-# slice further than its leader, which can cost a little on tiny graphs (mlp_sum/small on 2
-# devices: 8.68e-8 s against 8.56e-8 s). Not strict: which tiny cases hit it may change.
-MERGE_MISSES = pytest.mark.xfail(
-    strict=False, reason="merged followers keep their leader's layout; the optimum may slice further")
-
-PAIRS = [  # (case, mesh), with the mark the merged comparison needs
-    ("matmul/small", "2", MERGE_MISSES),
-    ("matmul/small", "2x2", MERGE_MISSES),
-    ("matmul/large", "2", None),
-    ("matmul/large", "2x2", None),
-    ("mlp_mse/small", "2", MERGE_MISSES),
-    ("mlp_mse/large", "2", None),
-    ("mlp_sum/small", "2", MERGE_MISSES),
-    ("mlp_sum/small", "2x2", MERGE_MISSES),
-    ("mlp_sum/large", "2", None),
-    ("mlp_sum/large", "2x2", None),
-    ("mlp_sum/split_w", "2", None),
+# (``IlpProblem.follow``), as Alpa merges, and the merged model's optimum equals brute force's
+# on every pair below (a follower that could gain by slicing further than its leader would show
+# here as a merged objective above brute force's).
+PAIRS = [  # (case, mesh)
+    ("matmul/small", "2"),
+    ("matmul/small", "2x2"),
+    ("matmul/large", "2"),
+    ("matmul/large", "2x2"),
+    ("mlp_mse/small", "2"),
+    ("mlp_mse/large", "2"),
+    ("mlp_sum/small", "2"),
+    ("mlp_sum/small", "2x2"),
+    ("mlp_sum/large", "2"),
+    ("mlp_sum/large", "2x2"),
+    ("mlp_sum/split_w", "2"),
 ]
-IDS = [f"{c}-{m}" for c, m, _ in PAIRS]
+IDS = [f"{c}-{m}" for c, m in PAIRS]
 
 _CACHE: dict[tuple[str, str], tuple] = {}
 
@@ -114,7 +111,7 @@ def problem_of(case: str, mesh: str):
     return _CACHE[key]
 
 
-@pytest.mark.parametrize("case,mesh", [(c, m) for c, m, _ in PAIRS], ids=IDS)
+@pytest.mark.parametrize("case,mesh", PAIRS, ids=IDS)
 def test_exact_ilp_equals_brute_force(case, mesh):
     iop, _, best = problem_of(case, mesh)
     sol = solve(iop.problem, EXACT)
@@ -124,7 +121,7 @@ def test_exact_ilp_equals_brute_force(case, mesh):
     assert sol.gap == 0.0
 
 
-@pytest.mark.parametrize("case,mesh", [(c, m) for c, m, _ in PAIRS], ids=IDS)
+@pytest.mark.parametrize("case,mesh", PAIRS, ids=IDS)
 def test_merged_ilp_is_never_below_brute_force(case, mesh):
     iop, _, best = problem_of(case, mesh)
     sol = solve(iop.problem, MERGED)
@@ -132,8 +129,7 @@ def test_merged_ilp_is_never_below_brute_force(case, mesh):
     assert evaluate(iop.problem, sol.choice)[0] == pytest.approx(sol.objective, rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    "case,mesh", [pytest.param(c, m, marks=mark or ()) for c, m, mark in PAIRS], ids=IDS)
+@pytest.mark.parametrize("case,mesh", PAIRS, ids=IDS)
 def test_merged_ilp_equals_brute_force(case, mesh):
     iop, _, best = problem_of(case, mesh)
     sol = solve(iop.problem, MERGED)

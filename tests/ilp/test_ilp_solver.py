@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -226,17 +227,42 @@ def test_same_problem_twice_gives_same_choice():
     assert first.objective == second.objective
 
 
-def test_ctrl_c_stops_the_solver_and_propagates():
+def _waiting_for_the_solver(main: int) -> bool:
+    """Whether the main thread waits in ``_solve_interruptibly``'s loop (the solver running)."""
+    frame = sys._current_frames().get(main)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and frame.f_back is not None \
+                and frame.f_back.f_code.co_name == "_solve_interruptibly":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_when_the_solver_runs(main: int, cancel: threading.Event) -> None:
+    """Ctrl-C (``interrupt_main``) once the search runs and the main thread waits for it: the
+    test asks for the stop itself, at the same point whatever the machine's speed (no timer)."""
+    while not cancel.is_set():
+        if _waiting_for_the_solver(main):
+            _thread.interrupt_main()
+            return
+        time.sleep(0.001)
+
+
+def test_ctrl_c_stops_the_solver_and_propagates(caplog):
+    """A hard problem (no plan within 1e-3 deterministic units, see above) and limits it cannot
+    reach before the interrupt: the search is stopped, waited for, and KeyboardInterrupt raised."""
     prob = hard_problem()
-    timer = threading.Timer(1.5, _thread.interrupt_main)
-    start = time.perf_counter()
-    timer.start()
+    cancel = threading.Event()
+    watcher = threading.Thread(target=_interrupt_when_the_solver_runs, args=(threading.get_ident(), cancel),
+                               daemon=True)
+    watcher.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            solve(prob, IlpOptions(time_limit_s=60, merge_followers=False))
+        with caplog.at_level(logging.INFO, logger="alpa_lite.ilp"), pytest.raises(KeyboardInterrupt):
+            solve(prob, IlpOptions(time_limit_s=600, merge_followers=False))
     finally:
-        timer.cancel()
-    assert time.perf_counter() - start < 5
+        cancel.set()
+        watcher.join()
+    assert any(r.getMessage().startswith("CP-SAT interrupted after") for r in caplog.records)
     assert not [t for t in threading.enumerate() if t.name == "cp-sat" and t.is_alive()]
 
 
@@ -256,12 +282,14 @@ def chain_optimum(prob: IlpProblem) -> float:
     return float(best.min())
 
 
-def test_2000_node_chain_solves_in_seconds():
+def test_2000_node_chain_solves_to_its_optimum():
+    """Proven optimal within the deterministic limit (CP-SAT's work units, the same on every
+    machine); the wall clock, far above it, only guards against a hang."""
     prob = random_chain(2000, 4, seed=0)
-    solution = solve(prob, IlpOptions(time_limit_s=60))
+    solution = solve(prob, IlpOptions(time_limit_s=600, deterministic_time=10))
     assert solution.status == "OPTIMAL"
+    assert not solution.wall_clock_stop
     assert solution.objective == pytest.approx(chain_optimum(prob), rel=1e-9)
-    assert solution.wall_s < 30
 
 
 def test_2000_node_chain_of_followers_collapses():
