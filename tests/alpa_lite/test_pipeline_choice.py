@@ -31,7 +31,8 @@ def deep_gpt(n_layers: int = 4, d_model: int = 8192):
     return gpt.abstract_example(cfg, batch=16)
 
 
-@pytest.mark.parametrize("slower", [10, 30])
+# β / 30 in the slow suite: the same choice as at β / 10, planned again (~15 s).
+@pytest.mark.parametrize("slower", [10, pytest.param(30, marks=pytest.mark.slow)])
 def test_slow_cross_host_link_picks_a_pipeline_inside_hosts(slower):
     """Cross-host β / 10 or / 30: one stage must either replicate the work over the hosts or send
     over the slow link; a pipeline with one stage per host sends only the boundary activations.
@@ -109,7 +110,18 @@ def test_plan_24_layer_gpt_on_64_gpus():
     print(plan.summary())
     assert plan.cost.total_s > 0
     assert sorted(d for s in plan.stages for d in s.devices) == list(range(64))
-    if plan.pipeline is not None:  # a pipeline chosen: never predicted slower than one stage
-        assert plan.pipeline.one_stage_s is not None and plan.cost.total_s <= plan.pipeline.one_stage_s
-    else:
-        assert "one stage chosen" in plan.solver.note
+    # What the planner promises whichever wins: the one-stage candidate was planned, and the
+    # chosen plan is predicted no slower than it.
+    assert plan.cost.total_s <= one_stage_step_s(plan) * (1 + 1e-9)
+
+
+def one_stage_step_s(plan) -> float:
+    """The predicted step of the one-stage candidate ``num_stages=None`` planned beside the
+    pipelines: recorded in the pipeline's summary when a pipeline wins; when one stage wins, the
+    plan is that candidate (its note says so and gives the best pipeline's step)."""
+    if plan.pipeline is not None:
+        assert plan.pipeline.one_stage_s is not None, "the one-stage candidate was not planned"
+        assert plan.cost.total_s == pytest.approx(plan.pipeline.step_s)
+        return plan.pipeline.one_stage_s
+    assert "one stage chosen: the best pipeline" in plan.solver.note, plan.solver.note
+    return plan.cost.total_s
