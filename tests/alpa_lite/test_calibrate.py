@@ -219,6 +219,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+# Python's warning output for fit_samples' warning: the message line, then the calling line.
+BUSY_MACHINE_WARNING = re.compile(r"^.*UserWarning: \d+ of \d+ collective timings came out non-positive.*\n(?:  .*\n)?",
+                                  re.M)
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     d = tmp_path_factory.mktemp("calibrate")
@@ -240,14 +245,26 @@ def test_quick_calibration_writes_a_spec_with_positive_figures(calibrated):
     for text in ("Links per mesh axis", "all (in the spec)", "all-reduce", "all-gather", "all-to-all",
                  "FLOP/s", "memory bandwidth", f"cluster written to {path}"):
         assert text in r.stdout, text
-    assert r.stderr == ""  # no progress lines when stderr is not a terminal
+    # stderr is not a terminal: no progress drawn. On a busy machine calibrate may warn that
+    # some timings came out non-positive; nothing else may be there.
+    assert "\x1b[" not in r.stderr
+    assert not re.search(r"over [xy] \(|matmul and memory bandwidth", r.stderr), r.stderr
+    assert BUSY_MACHINE_WARNING.sub("", r.stderr) == "", r.stderr
 
 
-def test_plan_accepts_the_calibrated_file(calibrated, tmp_path):
+def test_plan_accepts_the_calibrated_file(calibrated, tmp_path, capsys, monkeypatch):
+    """``plan --cluster FILE`` through the console script's entry point, in this process (the
+    output is what is checked; a process would cost a jax start-up)."""
+    from alpa_lite import cli
+
     _, path = calibrated
-    r = run("plan", "examples.mlp:target", "--cluster", str(path), "--json", str(tmp_path / "p.json"))
-    assert r.returncode == 0, r.stderr
-    assert "mesh x=2 × y=4 (8 devices)" in r.stdout and "cluster cpu-calibrated" in r.stdout
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["plan", "examples.mlp:target", "--cluster", str(path), "--json", str(tmp_path / "p.json")])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 0, err
+    assert "mesh x=2 × y=4 (8 devices)" in out and "cluster cpu-calibrated" in out
     saved = json.loads((tmp_path / "p.json").read_text())["cluster"]
     assert saved["axis_links"] == json.loads(path.read_text())["axis_links"]
 
@@ -291,22 +308,20 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_runs():
-    import os
-
-    procs = {k: subprocess.Popen([*CLI, "calibrate", "--quick", *args], cwd=ROOT, env={**os.environ, **ENV},
-                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k, (args, _) in BAD.items()}
-    return {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
-
-
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_and_exit_status_2(bad_runs, case):
-    code, out, err = bad_runs[case]
-    assert code == 2, (case, err)
+def test_bad_input_is_one_line_and_exit_status_2(case, capsys, monkeypatch):
+    """The console script's entry point, in this process (a process per case would cost a jax
+    start-up each): one line on stderr, exit status 2, nothing timed."""
+    from alpa_lite import cli
+
+    monkeypatch.chdir(ROOT)
+    args, expected = BAD[case]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["calibrate", "--quick", *args])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2, (case, err)
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("alpa-lite: error: ") and BAD[case][1] in err, err
+    assert err.startswith("alpa-lite: error: ") and expected in err, err
 
 
 def test_fit_leaves_out_non_positive_timings_with_a_warning():
