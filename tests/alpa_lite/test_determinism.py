@@ -48,16 +48,17 @@ def _dag_args():
 
 
 CASES = [
-    # name, (fn, args), mesh shape, axis type, method
-    ("mlp adam 2x4", make_example(batch=16, hidden=64, layers=2, dim=16), (2, 4), "explicit", "auto"),
-    ("dag 2x2x2", (_dag, _dag_args()), (2, 2, 2), "auto", "auto"),
-    ("dag 8 zero3", (_dag, _dag_args()), (8,), "explicit", "zero3"),
+    # name, () -> (fn, args) (made when the test runs, not when the module is imported), mesh
+    # shape, axis type, method
+    ("mlp adam 2x4", lambda: make_example(batch=16, hidden=64, layers=2, dim=16), (2, 4), "explicit", "auto"),
+    ("dag 2x2x2", lambda: (_dag, _dag_args()), (2, 2, 2), "auto", "auto"),
+    ("dag 8 zero3", lambda: (_dag, _dag_args()), (8,), "explicit", "zero3"),
 ]
 
 
 @pytest.mark.parametrize("name,example,shape,axis_type,method", CASES, ids=[c[0] for c in CASES])
 def test_same_inputs_same_plan_json(name, example, shape, axis_type, method):
-    fn, args = example
+    fn, args = example()
     mesh = make_mesh(shape, axis_type)
     first = al.plan(fn, *args, mesh=mesh, method=method)
     second = al.plan(fn, *args, mesh=mesh, method=method)
@@ -91,18 +92,24 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _plans_in_subprocess(hash_seed: str) -> str:
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=str(ROOT))], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLANS")]
-    return line[len("PLANS"):]
+def _plans_in_subprocesses(*hash_seeds: str) -> list[str]:
+    """The script's output in a fresh interpreter per hash seed, the interpreters run side by side."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT.format(root=str(ROOT))], cwd=ROOT, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for seed in hash_seeds]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        (line,) = [ln for ln in stdout.splitlines() if ln.startswith("PLANS")]
+        outs.append(line[len("PLANS"):])
+    return outs
 
 
 def test_same_plan_json_across_processes():
     """Two fresh interpreters with other hash seeds (set and dict orders of str keys differ)."""
-    a, b = _plans_in_subprocess("1"), _plans_in_subprocess("2")
+    a, b = _plans_in_subprocesses("1", "2")
     assert a == b
     plans = json.loads(a)
     assert len(plans) == 2 and all(p["solver"]["status"] == "OPTIMAL" for p in plans)

@@ -1,4 +1,8 @@
-"""``examples/inspect_plan.ipynb`` runs top to bottom in a fresh kernel (nbclient), as in CI."""
+"""``examples/inspect_plan.ipynb`` runs top to bottom in a fresh kernel (nbclient), as in CI.
+
+Slow (a kernel start, five plans, a compile and a check: ~10 s): what its cells call (plan,
+summary, check, compile and run, JSON round trip, the comparison, a GPU cluster plan) the default
+suite tests on its own; this checks that the notebook as written still runs."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ def _outputs(cell, mime: str) -> str:
     return "".join(o.get("data", {}).get(mime, "") if "data" in o else o.get("text", "") for o in cell.outputs)
 
 
+@pytest.mark.slow
 def test_notebook_executes():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # Jupyter starts a notebook in its own folder; nbclient does so when told the path.

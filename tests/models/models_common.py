@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from alpa_lite.hlo_stats import CompiledCollective, CompiledStats, parse_collectives, stats_of
-from tests.helpers import fresh
+import jax
+
+from alpa_lite.hlo_stats import CompiledCollective, CompiledStats, parse_collectives
+from tests.helpers import compiled_with_stats, fresh
 
 WIRE_TOLERANCE = 0.10
 MEMORY_TOLERANCE = 0.20
@@ -27,6 +29,7 @@ class Measured:
     compiled: CompiledStats
     predicted_memory: float
     extra_kinds: tuple[str, ...]  # collective kinds XLA added beyond the plan's prediction
+    step: Any = field(default=None, compare=False, repr=False)  # plan.compile(fn), already compiled
 
     @property
     def wire(self) -> float:
@@ -81,11 +84,11 @@ def per_iteration(stats: CompiledStats, hlo_text: str) -> CompiledStats:
 
 
 def measure(name: str, plan: Any, fn: Callable[..., Any], args: Sequence[Any]) -> Measured:
-    jitted = plan.compile(fn)
-    stats = stats_of(jitted, *fresh(list(args)))
+    jitted, stats = compiled_with_stats(plan, fn, args)  # the test's steps reuse this executable
     if any(_IN_LOOP.fullmatch(w) for w in stats.warnings):
-        stats = per_iteration(stats, jitted.lower(*fresh(list(args))).compile().as_text())
+        placed = jax.device_put(fresh(list(args)), list(plan.in_shardings))
+        stats = per_iteration(stats, jitted.lower(*placed).compile().as_text())
     m = Measured(name, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes,
-                 extra_kinds(plan, stats))
+                 extra_kinds(plan, stats), jitted)
     print(m)
     return m

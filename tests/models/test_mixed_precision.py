@@ -84,4 +84,4 @@ def test_bf16_gpt_plans_and_runs():
     # bf16 rounds at different points in the sharded program (another summation order), and
     # adam's first steps move a weight by ±lr whatever its gradient's size: a gradient near 0
     # may flip sign, so weights may differ by up to 2·lr per step (lr = 1e-3).
-    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, rtol=1e-2, atol=5e-3)
+    assert_steps_equal(auto.step, fn, args, n_state=2, rtol=1e-2, atol=5e-3)

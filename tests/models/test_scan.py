@@ -20,10 +20,6 @@ from tests.helpers import assert_steps_equal, make_mesh
 CONFIG = GptConfig(batch=16, seq=32, vocab=512, hidden=128, heads=4, mlp=512, layers=4)
 
 
-def _abstract(args):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-
-
 def _ilp_variables(fn, args, mesh) -> int:
     """Variables of the intra-op ILP as design.md states it: one s_v[i] per strategy, one
     e_vu[i, j] per allowed strategy pair of an edge (before the solver's presolve, which prunes
@@ -39,21 +35,34 @@ def _ilp_variables(fn, args, mesh) -> int:
     return sum(c.size for c in pb.node_costs) + sum(int(np.isfinite(e.cost).sum()) for e in pb.edges)
 
 
+def _abstract_example(config):
+    """``make_example(config)`` with its arguments as shapes: nothing is initialised."""
+    made = {}
+
+    def args():
+        made["fn"], example = make_example(config)
+        return example
+
+    shapes = jax.eval_shape(args)
+    return made["fn"], shapes
+
+
 def test_problem_size_does_not_grow_with_layers():
     mesh = make_mesh((8,))
     plans, variables = {}, {}
-    for layers in (24, 96):
-        fn, args = make_example(GptConfig(batch=8, seq=16, vocab=128, hidden=64, heads=2, mlp=128,
-                                          layers=layers))
-        plans[layers] = al.plan(fn, *_abstract(args), mesh=mesh)
+    for layers in (8, 32):
+        fn, args = _abstract_example(GptConfig(batch=8, seq=16, vocab=128, hidden=64, heads=2, mlp=128,
+                                               layers=layers))
+        plans[layers] = al.plan(fn, *args, mesh=mesh)
         assert not plans[layers].warnings
-        variables[layers] = _ilp_variables(fn, _abstract(args), mesh)
+        variables[layers] = _ilp_variables(fn, args, mesh)
     print(f"ILP variables {variables}; after the solver's presolve "
           f"{ {n: p.solver.variables for n, p in plans.items()} }")
-    assert len(plans[24].graph.ops) == len(plans[96].graph.ops)
-    assert variables[24] == variables[96]
-    # Four times the layers: four times the work inside the loop.
-    ratio = plans[96].cost.compute_s / plans[24].cost.compute_s
+    assert len(plans[8].graph.ops) == len(plans[32].graph.ops)
+    assert variables[8] == variables[32]
+    # Four times the layers: four times the work inside the loop (the embedding, the final norm
+    # and the loss outside it are about 2% of the step at 8 layers).
+    ratio = plans[32].cost.compute_s / plans[8].cost.compute_s
     assert 3.5 < ratio < 4.0, ratio
 
 
@@ -75,7 +84,7 @@ def test_scan_plan_matches_unrolled_and_runs():
     auto = measure("auto (scan)", plan, fn, args)
     auto.assert_predictions()
     assert auto.extra_kinds == ()
-    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, atol=1e-4)
+    assert_steps_equal(auto.step, fn, args, n_state=2, atol=1e-4)
 
 
 def test_scan_with_bf16_compute_predicts_memory():
@@ -93,4 +102,4 @@ def test_scan_with_bf16_compute_predicts_memory():
     auto.assert_predictions()  # memory within 20%, wire bytes within 10%
     assert auto.extra_kinds == ()
     # bf16 rounding differs with the summation order (see test_mixed_precision.py)
-    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, rtol=1e-2, atol=5e-3)
+    assert_steps_equal(auto.step, fn, args, n_state=2, rtol=1e-2, atol=5e-3)
