@@ -6,8 +6,8 @@ the compiled program's. A larger difference fails unless XLA announced an involu
 rematerialization (a documented modelling limit); those are listed as ``FuzzMismatch`` warnings
 in pytest's summary, and their numbers were checked all the same.
 
-The default suite runs ``max_examples`` derandomized cases (same cases every run; about a
-minute); ``-m slow`` runs more, and ``bench/fuzz_long.py --examples N`` runs any number.
+The default suite runs ``max_examples`` derandomized cases (same cases every run; about ten
+seconds); ``-m slow`` runs more, and ``bench/fuzz_long.py --examples N`` runs any number.
 Every failure found is a regression test in ``test_fuzz_regressions.py``.
 """
 
