@@ -45,15 +45,16 @@ def _fresh_layer_cache():
     pipeline_layers.clear_cache()
 
 
-def _spy_tables(monkeypatch) -> list:
+def _spy(monkeypatch, name: str) -> list:
+    """``pipeline_planner.<name>`` replaced by itself recording each result; the list of results."""
     seen = []
-    real = pipeline_planner.stage_tables
+    real = getattr(pipeline_planner, name)
 
     def spy(*a, **k):
         seen.append(real(*a, **k))
         return seen[-1]
 
-    monkeypatch.setattr(pipeline_planner, "stage_tables", spy)
+    monkeypatch.setattr(pipeline_planner, name, spy)
     return seen
 
 
@@ -82,15 +83,8 @@ def test_layer_credits_never_exceed_what_the_layer_ilp_charged(limit, monkeypatc
     """Stopped early (a greedy start) or solved: on every view, the deferred reductions taken out
     of a layer are within its communication time, and the composed tables are valid."""
     fn, args = tied_gpt(n_layers=2, batch=256)  # batch-heavy: the layer plans split the batch
-    solved = []
-    real = pipeline_planner.solve_layer
-
-    def spy(*a, **k):
-        solved.append(real(*a, **k))
-        return solved[-1]
-
-    monkeypatch.setattr(pipeline_planner, "solve_layer", spy)
-    tables = _spy_tables(monkeypatch)
+    solved = _spy(monkeypatch, "solve_layer")
+    tables = _spy(monkeypatch, "stage_tables")
     plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_microbatches=2,
                   layer_time_limit_s=limit, compare_one_stage=False)
     deferring = [s for s in solved if s.collectives.deferred]
@@ -132,7 +126,7 @@ def test_random_layer_solutions_compose_valid_tables(seed):
     fn, args = tied_gpt(n_layers=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_planner, "solve_layer", _random_solutions(seed))
-        tables = _spy_tables(mp)
+        tables = _spy(mp, "stage_tables")
         plan = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_microbatches=2,
                              compare_one_stage=False)
     _assert_valid(tables)
