@@ -27,6 +27,7 @@ from alpa_lite.intra_op import IntraOpProblem, build_problem, edge_charges, outp
 from alpa_lite.pipeline_collectives import LayerCollectives, layer_collectives
 from alpa_lite.pipeline_program import Layer
 from alpa_lite.plan_result import VIEW_AXES
+from alpa_lite.planner import assemble_plan  # the one-stage plan assembly, reused
 from alpa_lite.specs import ShardingSpec
 from alpa_lite.tracer import trace
 from cost_model.builder import build_strategies
@@ -178,8 +179,6 @@ def layer_solution(layer: Layer, lg: LayerGraph, iop: IntraOpProblem, sol: IlpSo
                    view: tuple[int, int]) -> LayerSolution:
     """What the stage DP and the runtime need of a solved layer problem (any choice that has a
     finite cost: optimal, stopped early, a greedy start)."""
-    from alpa_lite.planner import assemble_plan  # the one-stage plan assembly, reused
-
     cluster = iop.sgraph.cluster
     p = assemble_plan(iop, sol, method="auto", mesh=None, static=(), donate=(),
                       num_args=len(lg.graph.inputs), timings={})

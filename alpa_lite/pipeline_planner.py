@@ -88,6 +88,11 @@ class _Settings:
     batch: tuple[int, ...]
     out_example: Any  # the step's result, shapes and dtypes
 
+    @property
+    def capacity(self) -> float:
+        """Bytes the whole cluster holds within the budget."""
+        return self.budget * self.hosts * self.per_host
+
 
 @dataclass(eq=False)
 class Candidate:
@@ -142,35 +147,34 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
 
     def one_stage() -> Plan:
         progress("one-stage candidate")
-        return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,
-                              batch_argnums=batch_argnums, static_argnums=static_argnums,
-                              time_limit_s=time_limit_s, graph=graph)
+        t1 = time.perf_counter()
+        try:
+            return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,
+                                  batch_argnums=batch_argnums, static_argnums=static_argnums,
+                                  time_limit_s=time_limit_s, graph=graph)
+        finally:
+            timings["one_stage_s"] = time.perf_counter() - t1
 
     tried: list[int] = []
     best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, tried)
     if best is None or not np.isfinite(best.cost):
         if num_stages is None:
-            t1 = time.perf_counter()
             one = one_stage()
-            timings["one_stage_s"] = time.perf_counter() - t1
             return replace(one, timings={**timings, "total_s": time.perf_counter() - t0})
         if best is None:
             raise PlanningError(f"num_stages={num_stages} needs a step that computes its gradients with "
                                 "al.value_and_grad (the loss it pipelines)")
         if best.tables is None:
-            capacity = st.budget * st.hosts * st.per_host
             raise InfeasibleError(
                 f"no pipeline fits: its weights, optimizer state and in-flight activations need at least "
                 f"{format_bytes(best.floor_bytes)} over all devices, and {st.hosts * st.per_host} devices × "
-                f"{format_bytes(st.budget)} hold {format_bytes(capacity)}: use more devices, a smaller batch "
-                "or schedule='1f1b' (fewer microbatches in flight)")
+                f"{format_bytes(st.budget)} hold {format_bytes(st.capacity)}: use more devices, a smaller "
+                "batch or schedule='1f1b' (fewer microbatches in flight)")
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
                               "raise memory_budget, use more microbatches or another num_stages")
     one = None
     if num_stages is None and compare_one_stage:
-        t1 = time.perf_counter()
         one = _one_stage_or_none(one_stage)
-        timings["one_stage_s"] = time.perf_counter() - t1
         if one is not None and one.cost.total_s <= best.cost:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
                     f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms; "
@@ -199,30 +203,13 @@ def _settings(fn: Callable[..., Any], args: Sequence[Any], graph: OpGraph, mesh:
               layer_limit: float, views: str, batch_argnums: Sequence[int] | None,
               static: tuple[int, ...]) -> tuple[_Settings, Any]:
     mesh, cluster = resolve_mesh(mesh, cluster)
-    tied = _carried_args(args, static, out_example_of(graph, fn, args, static))
+    out = out_example_of(graph, fn, args, static)
+    _, tied = find_ties(None, args, static, out)  # the carried state: arguments an output matches
     state, batch = state_and_batch(args, static, tied, batch_argnums)
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers, layer_limit, views,
-                     static, tuple(state), tuple(batch), out_example_of(graph, fn, args, static)), mesh
-
-
-def _carried_args(args: Sequence[Any], static: Sequence[int], out: Any) -> list[int]:
-    """Arguments a top-level output has the tree and leaf types of: the carried state (as
-    ``planner.find_ties`` matches them)."""
-    def avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
-        return [(tuple(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else np.result_type(x)))
-                for x in jax.tree.leaves(tree)]
-
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    dyn = [i for i in range(len(args)) if i not in static and jax.tree.leaves(args[i])]
-    tied: list[int] = []
-    for o in outs:
-        for i in dyn:
-            if i not in tied and jax.tree.structure(args[i]) == jax.tree.structure(o) and avals(args[i]) == avals(o):
-                tied.append(i)
-                break
-    return tied
+                     static, tuple(state), tuple(batch), out), mesh
 
 
 def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:
@@ -308,9 +295,9 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     submeshes, sub_views, views = _candidate_views(st)
     factor = _weight_factor(prog, args, st)
     floor = memory_floor(layers, [graphs[sig] for sig in sigs], factor, B if st.schedule == "gpipe" else 1)
-    if floor > st.budget * st.hosts * st.per_host:
+    if floor > st.capacity:
         log.info("B=%d: no pipeline fits: weights, state and in-flight activations need %.4g B in all, the "
-                 "cluster holds %.4g B", B, floor, st.budget * st.hosts * st.per_host)
+                 "cluster holds %.4g B", B, floor, st.capacity)
         return Candidate(prog, layers, sigs, graphs, {}, views, submeshes, None, (), math.inf, 0.0, floor)
     sols = _solve_layers(layers, sigs, graphs, views, st, B, progress)
     ilp_s = sum(x.wall_s for x in sols.values())
@@ -507,12 +494,21 @@ def _shared_weight_costs(layers: list[Layer], sigs: list[str], graphs: dict[str,
     layers, an upper bound for one read by more (a contribution counts once per other reader)."""
     L, V = len(layers), len(views)
     out = np.zeros((L, L, V))
+    readers: dict[Any, list[int]] = {}  # weight → the layers differentiating it
+    for li, layer in enumerate(layers):
+        lg = graphs[sigs[li]]
+        for k in lg.weight_inputs:
+            if layer.diff_in[k]:
+                readers.setdefault(layer.inputs[k], []).append(li)
+    shared = {var: ls for var, ls in readers.items() if len(ls) > 1}
+    if not shared:
+        return out
     for v, view in enumerate(views):
-        contrib = [_weight_contributions(layers[li], graphs[sigs[li]], sols[(sigs[li], view)])
-                   for li in range(L)]
-        for b in range(L):
-            for a in range(b):
-                for var in contrib[a].keys() & contrib[b].keys():
+        contrib = {li: _weight_contributions(layers[li], graphs[sigs[li]], sols[(sigs[li], view)])
+                   for li in sorted({li for ls in shared.values() for li in ls})}
+        for var, ls in shared.items():
+            for i, a in enumerate(ls):
+                for b in ls[i + 1:]:
                     (axes_a, s_a), (axes_b, s_b) = contrib[a][var], contrib[b][var]
                     if axes_a is None or axes_a != axes_b:
                         out[a, b, v] += s_a + s_b

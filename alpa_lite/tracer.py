@@ -163,7 +163,7 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
 
 def _inline(b: _Builder, eqn: Any, ins: list[int], live_out: Sequence[bool]) -> list[int | None]:
     body = eqn.params[_INLINE[eqn.primitive]]
-    if callable(body) and not isinstance(body, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+    if callable(body):  # traced on first use (a jaxpr itself is not callable)
         body = body()
     if isinstance(body, jcore.ClosedJaxpr):
         return _walk(b, body.jaxpr, body.consts, ins, live_out)

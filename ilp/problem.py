@@ -88,10 +88,9 @@ class IlpProblem:
         return self.names[v] if self.names else f"node {v}"
 
 
-# Deterministic work units per wall-clock second allowed by default. Measured with ortools 9.15
-# on this project's 2-core machine: CP-SAT's deterministic time ran at 0.4 to 1.0 units per
-# second on planning models (lower with other work on the machine), so half the wall limit
-# is usually reached first.
+# Deterministic work units per second of a time limit: ``IlpOptions`` without ``deterministic_time``
+# gets this share of its wall limit in units, and ``al.plan``'s ``time_limit_s`` becomes this many
+# units per second under ``IlpOptions.deterministic`` (its wall clock then a safety net).
 DETERMINISTIC_SHARE = 0.5
 # The wall-clock safety net of a search bounded by deterministic units (``IlpOptions.deterministic``),
 # seconds per unit. Measured with ortools 9.15 on this project's 2-core machine: idle, 0.2 to 0.6
