@@ -32,7 +32,12 @@ def compiled_with_stats(plan: Any, fn: Callable[..., Any], args: Sequence[Any]) 
     from alpa_lite.hlo_stats import stats_of
 
     step = plan.compile(fn)
-    return step, stats_of(step, *jax.device_put(fresh(list(args)), list(plan.in_shardings)))
+    return step, stats_of(step, *placed_args(plan, args))
+
+
+def placed_args(plan: Any, args: Sequence[Any]) -> list[Any]:
+    """Copies of ``args`` on the plan's input shardings (as its compiled step places them)."""
+    return jax.device_put(fresh(list(args)), list(plan.in_shardings))
 
 
 def run_steps(step: Callable[..., Any], args: Sequence[Any], n_state: int, steps: int = 2) -> list[Any]:

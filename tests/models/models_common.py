@@ -13,10 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import jax
-
 from alpa_lite.hlo_stats import CompiledCollective, CompiledStats, parse_collectives
-from tests.helpers import compiled_with_stats, fresh
+from tests.helpers import compiled_with_stats, placed_args
 
 WIRE_TOLERANCE = 0.10
 MEMORY_TOLERANCE = 0.20
@@ -86,8 +84,7 @@ def per_iteration(stats: CompiledStats, hlo_text: str) -> CompiledStats:
 def measure(name: str, plan: Any, fn: Callable[..., Any], args: Sequence[Any]) -> Measured:
     jitted, stats = compiled_with_stats(plan, fn, args)  # the test's steps reuse this executable
     if any(_IN_LOOP.fullmatch(w) for w in stats.warnings):
-        placed = jax.device_put(fresh(list(args)), list(plan.in_shardings))
-        stats = per_iteration(stats, jitted.lower(*placed).compile().as_text())
+        stats = per_iteration(stats, jitted.lower(*placed_args(plan, args)).compile().as_text())
     m = Measured(name, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes,
                  extra_kinds(plan, stats), jitted)
     print(m)
