@@ -110,6 +110,17 @@ class Candidate:
     cost: float
     ilp_s: float
     floor_bytes: float = 0.0  # ``memory_floor``: bytes every pipeline of this B needs in all
+    # B = 1 only (the microbatch is the batch): bytes one stage needs in all (``one_stage_floor``)
+    one_stage_floor: float | None = None
+
+
+@dataclass
+class _Search:
+    """What the microbatch search saw beside its best candidate: the counts tried, and the
+    one-stage floor when B = 1 was tried."""
+
+    tried: list[int]
+    one_stage_floor: float | None = None
 
 
 def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
@@ -155,10 +166,14 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         finally:
             timings["one_stage_s"] = time.perf_counter() - t1
 
-    tried: list[int] = []
-    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, tried)
+    search = _Search([])
+    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, search)
+    tried = search.tried
+    one_fits = search.one_stage_floor is None or search.one_stage_floor <= st.capacity
     if best is None or not np.isfinite(best.cost):
         if num_stages is None:
+            if not one_fits:
+                raise InfeasibleError(_nothing_fits(st, search.one_stage_floor, best))
             one = one_stage()
             return replace(one, timings={**timings, "total_s": time.perf_counter() - t0})
         if best is None:
@@ -173,7 +188,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
                               "raise memory_budget, use more microbatches or another num_stages")
     one = None
-    if num_stages is None and compare_one_stage:
+    if num_stages is None and compare_one_stage and one_fits:
         one = _one_stage_or_none(one_stage)
         if one is not None and one.cost.total_s <= best.cost:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
@@ -183,7 +198,23 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
             timings["total_s"] = time.perf_counter() - t0  # the search's phases, then the candidate's
             return replace(one, solver=replace(one.solver, note=note), timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return _assemble(args, graph, mesh, st, best, one, timings, _search_note(tried, num_microbatches))
+    note = _search_note(tried, num_microbatches)
+    if num_stages is None and not one_fits:
+        note += (f"; one stage not planned: it needs at least {format_bytes(search.one_stage_floor)} over all "
+                 f"devices, more than the {format_bytes(st.capacity)} they hold")
+    return _assemble(args, graph, mesh, st, best, one, timings, note)
+
+
+def _nothing_fits(st: _Settings, one_floor: float, best: Candidate | None) -> str:
+    """Why neither one stage nor any pipeline can fit, from the memory floors alone."""
+    piped = ""
+    if best is not None and best.tables is None:
+        piped = (f", a pipeline of B={best.prog.num_microbatches} microbatches {format_bytes(best.floor_bytes)} "
+                 f"({st.schedule} schedule)")
+    return (f"no plan fits: one stage needs at least {format_bytes(one_floor)} over all devices (the weights "
+            f"and optimizer state, and every activation the backward pass reads, for the whole batch){piped}; "
+            f"{st.hosts * st.per_host} devices × {format_bytes(st.budget)} hold {format_bytes(st.capacity)}: "
+            "use more devices, a smaller batch or a smaller model")
 
 
 def _check_options(method: str, schedule: str, logical_views: str, num_stages: int | None) -> None:
@@ -243,9 +274,10 @@ def _search_note(tried: Sequence[int], given: int | None) -> str:
 
 def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, given: int | None,
                          timings: dict[str, float], progress: Callable[[str], None],
-                         tried: list[int]) -> Candidate | None:
+                         search: _Search) -> Candidate | None:
     """The best candidate over B = 1, 2, 4, ...; stops at the first B that does not improve
-    (each B solves the layers again: their shapes change); ``tried`` gets each B tried."""
+    (each B solves the layers again: their shapes change); ``search`` gets each B tried and the
+    one-stage floor."""
     leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
@@ -254,10 +286,12 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
     traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
     _add_time(timings, "trace_s", tick)
     for B in _microbatch_counts(batch_size, given):
-        tried.append(B)
+        search.tried.append(B)
         cand = _plan_for(fn, args, st, B, timings, traced, progress)
         if cand is None:
             return None
+        if cand.one_stage_floor is not None:
+            search.one_stage_floor = cand.one_stage_floor
         log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
         if best is None or cand.cost < best.cost:
             best = cand
@@ -294,11 +328,14 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     tick = _add_time(timings, "trace_s", tick)
     submeshes, sub_views, views = _candidate_views(st)
     factor = _weight_factor(prog, args, st)
-    floor = memory_floor(layers, [graphs[sig] for sig in sigs], factor, B if st.schedule == "gpipe" else 1)
+    layer_graphs = [graphs[sig] for sig in sigs]
+    floor = memory_floor(layers, layer_graphs, factor, B if st.schedule == "gpipe" else 1)
+    one_floor = one_stage_floor(layers, layer_graphs, factor) if B == 1 else None
     if floor > st.capacity:
         log.info("B=%d: no pipeline fits: weights, state and in-flight activations need %.4g B in all, the "
                  "cluster holds %.4g B", B, floor, st.capacity)
-        return Candidate(prog, layers, sigs, graphs, {}, views, submeshes, None, (), math.inf, 0.0, floor)
+        return Candidate(prog, layers, sigs, graphs, {}, views, submeshes, None, (), math.inf, 0.0, floor,
+                         one_floor)
     sols = _solve_layers(layers, sigs, graphs, views, st, B, progress)
     ilp_s = sum(x.wall_s for x in sols.values())
     tick = _add_time(timings, "layer_ilp_s", tick)
@@ -313,7 +350,8 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
         cost, sp = stage_dp_count(tables.dp_input, st.num_stages)
     _add_time(timings, "dp_s", tick)
     stages = sp.stages if sp is not None else ()
-    return Candidate(prog, layers, sigs, graphs, sols, views, submeshes, tables, stages, float(cost), ilp_s)
+    return Candidate(prog, layers, sigs, graphs, sols, views, submeshes, tables, stages, float(cost), ilp_s,
+                     floor, one_floor)
 
 
 def _solve_layers(layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
@@ -679,3 +717,12 @@ def _output_specs(graph: Any, in_specs: Sequence[ShardingSpec], args: Sequence[A
 
 
 __all__ = ["Candidate", "place_stages", "plan_pipeline"]
+
+
+def one_stage_floor(layers: Sequence[Layer], graphs: Sequence[LayerGraph], factor: float) -> float:
+    """Bytes the one-stage plan needs summed over its devices, from the layers of the one
+    microbatch that is the whole batch (B = 1): at the end of the forward pass the carried state
+    (``factor − 1`` per weight byte: weights and optimizer state, which the step updates only after
+    its backward pass; no gradient accumulator) and every residual the backward pass reads are all
+    live, and on N devices each is held at least once in all (``memory_floor``'s argument)."""
+    return memory_floor(layers, graphs, factor - 1.0, 1)

@@ -105,6 +105,34 @@ def test_memory_floor_is_below_what_every_planned_stage_holds():
     assert 0 < captured["floor"] <= held
 
 
+def test_one_stage_floor_proves_nothing_fits_before_any_ilp(monkeypatch):
+    """With stages left to the planner, B = 1's layers (the whole batch) give the one-stage floor
+    too: over N·M, neither the layer ILPs nor the one-stage candidate run, and the error names
+    both floors against what the cluster holds."""
+    fn, args = mlp_example(4, batch=64)
+    calls = []
+    monkeypatch.setattr(pipeline_planner, "solve_layer", lambda *a, **k: calls.append("layer"))
+    monkeypatch.setattr(pipeline_planner, "plan_one_stage", lambda *a, **k: calls.append("one stage"))
+    with pytest.raises(InfeasibleError, match=r"no plan fits: one stage needs at least .* over all devices .*"
+                                              r"a pipeline of B=1 microbatches .* hold"):
+        plan_pipeline(fn, *args, cluster=CLUSTER, memory_budget=4096)
+    assert calls == []
+
+
+def test_one_stage_floor_is_below_what_the_one_stage_plan_holds():
+    """The one-stage floor is a lower bound: devices × the one-stage plan's peak is above it, and
+    above the pipelines' floor it is not (no gradient accumulator)."""
+    fn, args = mlp_example(4, batch=64)
+    floors = {}
+    real = pipeline_planner.one_stage_floor
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_planner, "one_stage_floor", lambda *a: floors.setdefault("one", real(*a)))
+        piped = plan_pipeline(fn, *args, cluster=CLUSTER, num_stages=2, num_microbatches=1)
+    one = al.plan(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=1)
+    assert 0 < floors["one"] < sum(len(s.devices) * s.memory_bytes for s in piped.stages)
+    assert floors["one"] <= 8 * one.cost.peak_memory_bytes
+
+
 def test_solver_note_names_the_microbatch_counts_tried():
     """The microbatch search stops at the first count that does not improve: a heuristic, which
     the plan's note says, with the counts it tried."""
