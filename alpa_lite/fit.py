@@ -39,7 +39,7 @@ import numpy as np
 from alpa_lite.errors import InfeasibleError
 from alpa_lite.intra_op import IntraOpProblem, memory_profile
 from ilp import IlpOptions, IlpSolution
-from ilp.solver import solve
+from ilp.solver import Reductions, solve
 
 log = logging.getLogger("alpa_lite.fit")
 
@@ -63,10 +63,11 @@ def solve_within_budget(build: Callable[[bool], IntraOpProblem], options: IlpOpt
     if budget is None or not math.isfinite(budget):
         return iop, solve(iop.problem, options)
     target, lowered, added, solves = budget, 0, 0, 0
+    reductions = Reductions()  # every round solves the same nodes and edges with other rows
     while True:
         try:
             solves += 1
-            sol = solve(iop.problem, options)
+            sol = solve(iop.problem, options, reductions)
         except InfeasibleError:
             if target == budget:
                 raise  # the relaxation has no plan: neither has the exact model

@@ -18,6 +18,9 @@ import numpy as np
 
 
 def _frozen_array(values, ndim: int, what: str) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype == np.float64 and not values.flags.writeable \
+            and values.ndim == ndim:
+        return values  # already frozen: a problem rebuilt with other rows shares its arrays
     array = np.array(values, dtype=np.float64)
     if array.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dimension(s), got shape {array.shape}")

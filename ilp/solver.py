@@ -34,6 +34,8 @@ import logging
 import math
 import threading
 import time
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -58,20 +60,23 @@ class NoSolutionError(PlanningError):
     """CP-SAT found no plan within its time limit; the caller may fall back to a baseline."""
 
 
-def solve(problem: IlpProblem, options: IlpOptions = IlpOptions()) -> IlpSolution:  # noqa: B008
+def solve(problem: IlpProblem, options: IlpOptions = IlpOptions(),  # noqa: B008
+          reductions: Reductions | None = None) -> IlpSolution:
     """The cheapest choice of one strategy per node within the memory budget.
 
     Raises InfeasibleError (naming the smallest memory any plan needs) when no plan fits, and
-    NoSolutionError when none is found within the time limit.
+    NoSolutionError when none is found within the time limit. ``reductions``: kept across solves
+    of one problem with other memory rows or budget (``Reductions``).
     """
     start = time.perf_counter()
     if _memory_lower_bound(problem) > _budget(problem):
         raise _infeasible(problem, options)
     merged = options.merge_followers
-    result = _plan(problem, options, merged, start)
+    reductions = Reductions() if reductions is None else reductions
+    result = _plan(problem, options, merged, start, reductions)
     if result is None and merged:
         logger.info("merged model infeasible; retrying without follower merging")
-        result = _plan(problem, options, False, start)
+        result = _plan(problem, options, False, start, reductions)
     if result is None:
         raise _infeasible(problem, options)
     choice, status, bound, model, sizes = result
@@ -96,7 +101,7 @@ def solve(problem: IlpProblem, options: IlpOptions = IlpOptions()) -> IlpSolutio
     )
 
 
-def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
+def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float, reductions: Reductions):
     """Solve once; ``(choice, status, bound, model, sizes)``, or None when the model is infeasible.
 
     The model CP-SAT sees: followers merged (``ilp.merge``), parallel edges added up
@@ -105,7 +110,7 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float):
     ``options.tie_rounds``, identical layers tied (``ilp.symmetry``) when that shrinks the model
     by a quarter or more; if no tied plan fits, the untied model is solved. ``sizes``: (leaders,
     nodes after elimination, tied classes or None)."""
-    red, simple = _reduce(problem, merged)
+    red, simple = reductions.of(problem, merged)
     budget = problem.memory_budget
     rows = red.memory_rows(budget) if budget is not None and math.isfinite(budget) else []
     rows = binding_rows(rows, simple.costs, budget)
@@ -201,6 +206,28 @@ def deterministic_limit(options: IlpOptions) -> float:
     if options.deterministic_time is not None:
         return options.deterministic_time
     return DETERMINISTIC_SHARE * options.time_limit_s
+
+
+class Reductions:
+    """Follower merging and simplification of one problem's nodes and edges, kept for the
+    problems that differ from it only in memory rows and budget: ``alpa_lite.fit`` solves a
+    problem again with rows added or the budget lowered, and neither merging (``ilp.merge``) nor
+    ``simplify`` reads rows or budget (on a 96-layer GPT the two take 2-3 s of every solve). A
+    problem with other nodes, edges or follow relations is reduced afresh."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] = ()
+        self._done: dict[bool, tuple[Reduced, Simplified]] = {}
+
+    def of(self, problem: IlpProblem, merged: bool) -> tuple[Reduced, Simplified]:
+        """``(reduced, simplified)`` of ``problem``, with its own memory and live sets."""
+        key = (problem.edges, problem.follow, *problem.node_costs)
+        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
+            self._key, self._done = key, {}
+        if merged not in self._done:
+            self._done[merged] = _reduce(problem, merged)
+        red, simple = self._done[merged]
+        return replace(red, memory=problem.memory, live_sets=problem.live_sets), simple
 
 
 def _reduce(problem: IlpProblem, merged: bool) -> tuple[Reduced, Simplified]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from alpa_lite.errors import InfeasibleError, PlanningError
-from ilp import Edge, IlpOptions, IlpProblem, NoSolutionError, evaluate, solve
+from ilp import Edge, IlpOptions, IlpProblem, NoSolutionError, evaluate, solve, solver
 from ilp.brute import brute_force
 from ilp.solver import format_bytes
 
@@ -225,6 +225,32 @@ def test_same_problem_twice_gives_same_choice():
     first, second = solve(prob, options), solve(prob, options)
     assert first.choice == second.choice
     assert first.objective == second.objective
+
+
+def test_reductions_kept_for_other_rows_and_redone_for_other_costs(monkeypatch):
+    """A problem solved again with other memory rows and budget (``alpa_lite.fit``'s rounds)
+    reuses its merged, simplified form, and gets the plan a fresh solve gets under the new rows;
+    a problem with other costs is reduced afresh."""
+    rng = np.random.default_rng(5)
+    n, k = 30, 3
+    costs = [rng.uniform(0, 1, k) for _ in range(n)]
+    edges = [(u - 1, u, rng.uniform(0, 1, (k, k))) for u in range(1, n)]
+    memory = [rng.integers(1, 10, k).astype(float) for _ in range(n)]
+    live = [tuple(range(max(0, t - 4), t + 1)) for t in range(n)]
+    prob = problem(costs, edges, memory, live)
+    calls = []
+    real = solver._reduce
+    monkeypatch.setattr(solver, "_reduce", lambda p, merged: calls.append(merged) or real(p, merged))
+    options = IlpOptions(deterministic_time=2.0, time_limit_s=60)
+    kept = solver.Reductions()
+    free = solve(prob, options, kept)
+    tight = replace(prob, memory_budget=free.peak_memory - 3)
+    again = solve(tight, options, kept)
+    assert calls == [True]
+    fresh = solve(tight, options)
+    assert again.choice == fresh.choice and again.peak_memory <= tight.memory_budget < free.peak_memory
+    solve(replace(prob, node_costs=tuple(c + 1.0 for c in prob.node_costs)), options, kept)
+    assert calls == [True, True, True]
 
 
 def _waiting_for_the_solver(main: int) -> bool:
