@@ -18,6 +18,7 @@ from __future__ import annotations
 
 # ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
 import argparse
+import math
 import time
 
 import bench.common as common
@@ -113,7 +114,12 @@ def target_row(name: str) -> dict:
     fn, args = make()
     cluster = make_cluster()
     t0 = time.perf_counter()
-    plan = al.plan(fn, *args, cluster=cluster)
+    try:
+        plan = al.plan(fn, *args, cluster=cluster)
+    except al.PlanningError as e:  # a verdict too: how long it took to say no plan fits, and why
+        return dict(target=name, devices=cluster.num_devices, plan_s=time.perf_counter() - t0,
+                    status=f"{type(e).__name__}", predicted_step_s=math.nan, note=str(e), microbatches="",
+                    stages=[])
     rec = dict(target=name, devices=cluster.num_devices, plan_s=time.perf_counter() - t0, **plan.timings,
                status=plan.solver.status, predicted_step_s=plan.cost.total_s, note=plan.solver.note,
                microbatches=plan.pipeline.num_microbatches if plan.pipeline else 1,
@@ -132,10 +138,15 @@ def run_targets(names: list[str]) -> dict:
                        ["target", "devices", "plan s", "trace s", "layer ILPs s", "stage DP s",
                         "one-stage candidate s", "status", "predicted step ms", "B", "stages (layers: view)"],
                        rows)
+    for r in recs:
+        if not r["stages"]:
+            print(f"{r['target']}: {r['note']}")
     return dict(rows=recs, machine=common.machine())
 
 
 def _stages_text(stages: list[dict]) -> str:
+    if not stages:
+        return "none"
     if len(stages) == 1:
         return f"1 stage: {tuple(stages[0]['view'])}"
     parts = [f"{s['layers'][0]}-{s['layers'][1]}: {tuple(s['view'])}" for s in stages[:4]]
