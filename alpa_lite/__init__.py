@@ -10,20 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import PlanningError
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import PlanningError
+from alpa_lite.ir.specs import ShardingSpec
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "plan": "alpa_lite.planner",
-    "Plan": "alpa_lite.plan_result",
-    "parallelize": "alpa_lite.parallelize",
-    "value_and_grad": "alpa_lite.markers",
-    "grad": "alpa_lite.markers",
-    "mark_layer": "alpa_lite.markers",
-    "trace": "alpa_lite.tracer",
+    "plan": "alpa_lite.intra.planner",
+    "Plan": "alpa_lite.result.plan",
+    "parallelize": "alpa_lite.api",
+    "value_and_grad": "alpa_lite.tracing.markers",
+    "grad": "alpa_lite.tracing.markers",
+    "mark_layer": "alpa_lite.tracing.markers",
+    "trace": "alpa_lite.tracing.tracer",
 }
 
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in {"errors"}:
-        return importlib.import_module(f"alpa_lite.{name}")
+        return importlib.import_module(f"alpa_lite.ir.{name}")
     raise AttributeError(f"module 'alpa_lite' has no attribute {name!r}")
 
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import click
 
-from alpa_lite.cluster import ClusterSpec, parse_mesh
-from alpa_lite.errors import PlanningError
+from alpa_lite.ir.cluster import ClusterSpec, parse_mesh
+from alpa_lite.ir.errors import PlanningError
 
-METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")  # = alpa_lite.planner.METHODS
+METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")  # = alpa_lite.intra.planner.METHODS
 MAX_FORCED_DEVICES = 256  # more fake CPU devices than this costs start-up time for no use
 _COUNT_FLAG = "xla_force_host_platform_device_count"
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -295,8 +295,8 @@ def plan_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None
              hosts: int | None, memory_budget: str | None, time_limit: float, method: str,
              json_path: str | None, html_path: str | None, show_all: bool) -> None:
     """Plan TARGET (MODULE:FUNCTION returning (fn, example_args)) and print the plan."""
-    from alpa_lite.progress import PlanProgress
-    from alpa_lite.report import plan_renderable
+    from alpa_lite.report.progress import PlanProgress
+    from alpa_lite.report.terminal import plan_renderable
 
     with one_line_errors(ctx):
         setup = _setup(target, mesh, axes, cluster, hosts, memory_budget, time_limit)
@@ -318,7 +318,7 @@ def plan_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None
 @click.pass_context
 def show_cmd(ctx: click.Context, file: str, html_path: str | None, show_all: bool) -> None:
     """Print a plan saved with 'alpa-lite plan --json FILE' (or plan.to_json())."""
-    from alpa_lite.report import plan_renderable
+    from alpa_lite.report.terminal import plan_renderable
 
     with one_line_errors(ctx):
         result = read_plan(file)
@@ -332,8 +332,8 @@ def show_cmd(ctx: click.Context, file: str, html_path: str | None, show_all: boo
 def compare_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None, cluster: str | None,
                 hosts: int | None, memory_budget: str | None, time_limit: float) -> None:
     """Plan TARGET with auto and every baseline; print them side by side."""
-    from alpa_lite.progress import PlanProgress
-    from alpa_lite.report import Comparison
+    from alpa_lite.report.progress import PlanProgress
+    from alpa_lite.report.terminal import Comparison
 
     with one_line_errors(ctx):
         setup = _setup(target, mesh, axes, cluster, hosts, memory_budget, time_limit)
@@ -363,8 +363,8 @@ def check_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | Non
               hosts: int | None, memory_budget: str | None, time_limit: float, method: str,
               plan_path: str | None, strict: bool) -> None:
     """Compile the plan of TARGET here; print predicted vs compiled collectives, memory, FLOPs."""
-    from alpa_lite.progress import PlanProgress
-    from alpa_lite.report import check_renderable
+    from alpa_lite.report.progress import PlanProgress
+    from alpa_lite.report.terminal import check_renderable
 
     with one_line_errors(ctx):
         if plan_path:
@@ -394,8 +394,8 @@ def calibrate_cmd(ctx: click.Context, mesh: str | None, axes: str | None, out_pa
                   sizes: str | None) -> None:
     """Measure α and β per mesh axis and FLOP/s and memory bandwidth per device on the devices
     here; write a ClusterSpec JSON for 'alpa-lite plan TARGET --cluster FILE'."""
-    from alpa_lite.calibrate import calibrate, calibration_renderable
-    from alpa_lite.progress import PlanProgress
+    from alpa_lite.measure.calibrate import calibrate, calibration_renderable
+    from alpa_lite.report.progress import PlanProgress
 
     with one_line_errors(ctx):
         opts = _calibration_options(quick, sizes)
@@ -412,7 +412,7 @@ def calibrate_cmd(ctx: click.Context, mesh: str | None, axes: str | None, out_pa
 
 
 def _calibration_options(quick: bool, sizes: str | None) -> Any:
-    from alpa_lite.calibrate import CalibrationOptions
+    from alpa_lite.measure.calibrate import CalibrationOptions
 
     opts = CalibrationOptions.quick() if quick else CalibrationOptions()
     if sizes is None:
@@ -440,7 +440,7 @@ def _calibration_mesh(shape: tuple[int, ...] | None, axes: str | None) -> Any:
 
 
 def read_plan(path: str) -> Any:
-    from alpa_lite.plan_result import Plan
+    from alpa_lite.result.plan import Plan
 
     try:
         text = Path(path).read_text()

@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 import alpa_lite as al
-from alpa_lite.calibrate import CalibrationOptions, calibrate
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.hlo_stats import stats_of
+from alpa_lite.measure.calibrate import CalibrationOptions, calibrate
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.measure.hlo_stats import stats_of
 
 
 def _err(pred: float, got: float) -> float:

@@ -15,7 +15,7 @@ import math
 import bench.common as common  # sets XLA_FLAGS first
 
 import alpa_lite as al
-from alpa_lite.hlo_stats import stats_of
+from alpa_lite.measure.hlo_stats import stats_of
 
 def run(smallest: bool = False, only: list[str] | None = None) -> dict:
     rows, records = [], []

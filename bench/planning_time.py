@@ -11,7 +11,7 @@ devices and on simulated clusters of H100s (AbstractMesh: lowered, never compile
 Columns on the ILP's size: "ILP nodes" (ops, output sinks, resharded copies), "after merging"
 (leaders once followers are folded into them, ``ilp.merge``), "after tying" (classes once
 identical layers share one strategy, ``ilp.symmetry``; 0: not tied), "CP-SAT variables" (of the
-last solve), "solves" (the memory budget can take more than one, ``alpa_lite.fit``).
+last solve), "solves" (the memory budget can take more than one, ``alpa_lite.intra.fit``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import alpa_lite as al
-from alpa_lite.errors import InfeasibleError
+from alpa_lite.ir.errors import InfeasibleError
 from examples.gpt import GPTConfig, abstract_example, real_target
 
 

@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import ShardingError
-from alpa_lite.graph import Op, OpGraph
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import ShardingError
+from alpa_lite.ir.graph import Op, OpGraph
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model import rules  # noqa: F401  (fills the rule table)
 from cost_model.context import RuleContext
 from cost_model.registry import rule_for, warn_missing

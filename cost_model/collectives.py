@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from alpa_lite.cluster import ClusterSpec
+from alpa_lite.ir.cluster import ClusterSpec
 from cost_model.strategy import COLLECTIVE_KINDS, Collective
 
 __all__ = ["all_gather", "all_reduce", "all_to_all", "collective", "collective_permute",

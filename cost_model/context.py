@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec, enumerate_specs
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
 from cost_model.strategy import Collective, Strategy
 
 # 16-bit floats a backend may compute (and communicate) in float32 instead.

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import RuleContext
 from cost_model.strategy import Strategy
 

@@ -42,10 +42,10 @@ import math
 from jax import lax
 from jax.extend.core import primitives as P
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.graph import OpGraph, TensorInfo
-from alpa_lite.hlo_names import ELEMENTWISE
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import OpGraph, TensorInfo
+from alpa_lite.ir.hlo_names import ELEMENTWISE
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import wire_itemsize
 from cost_model.resharding import reshard_path
 

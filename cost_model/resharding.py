@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import ShardingError
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import ShardingError
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.collectives import collective, collective_time
 from cost_model.context import wire_itemsize
 from cost_model.strategy import Collective

@@ -131,7 +131,7 @@ def best_stage_plan(inp: StageDPInput) -> StagePlan:
     if plan is not None:
         return plan
     # Imported here: alpa_lite's package init pulls in jax, which the DP itself never needs.
-    from alpa_lite.errors import InfeasibleError
+    from alpa_lite.ir.errors import InfeasibleError
 
     tab = _prepare(inp)
     if not np.isfinite(tab.t).any():

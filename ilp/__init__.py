@@ -3,7 +3,7 @@
 Intra-op planning as an integer program: one sharding strategy per op, minimum cost within a
 per-device memory budget, solved with OR-Tools CP-SAT (``ilp.solver`` states the model).
 Needs numpy and ortools; it never imports jax itself (its one alpa_lite import is
-``alpa_lite.errors``).
+``alpa_lite.ir.errors``).
 """
 
 from ilp.problem import Edge, IlpOptions, IlpProblem, IlpSolution, evaluate

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from alpa_lite.errors import InfeasibleError
+from alpa_lite.ir.errors import InfeasibleError
 from ilp.problem import IlpProblem, evaluate
 
 MAX_COMBINATIONS = 200_000

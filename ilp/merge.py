@@ -1,6 +1,6 @@
 """Follower merging: fold an op that only follows one operand into that operand (as Alpa does).
 
-A node u is a follower of v when the caller's follow map says so (``alpa_lite.follow``: u lays
+A node u is a follower of v when the caller's follow map says so (``alpa_lite.intra.follow``: u lays
 out v's value as v does, in every strategy of v; u may read other nodes too, whose edges are
 then remapped to v: R'_wv[k, i] = R_wu[k, j(i)]), or, without a follow map, when u has at least
 one in-edge, every in-edge of u comes from v,

@@ -164,7 +164,7 @@ class IlpSolution:
     model_nodes: int = 0  # nodes left after leaf elimination (``ilp.eliminate``)
     tied_classes: int | None = None  # nodes of the tied model (``ilp.symmetry``); None: untied
     wall_clock_stop: bool = False  # stopped by time_limit_s before the deterministic limit
-    solves: int = 1  # CP-SAT solves it took (``alpa_lite.fit`` solves again when a plan overshoots)
+    solves: int = 1  # CP-SAT solves it took (``alpa_lite.intra.fit`` solves again when a plan overshoots)
 
 
 def validate(problem: IlpProblem) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from ortools.sat.python import cp_model
 
-from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.ir.errors import InfeasibleError, PlanningError
 from ilp.eliminate import Eliminated, dead_ends, eliminate_leaves
 from ilp.greedy import add_hint, greedy_choice
 from ilp.merge import merge_followers
@@ -210,7 +210,7 @@ def deterministic_limit(options: IlpOptions) -> float:
 
 class Reductions:
     """Follower merging and simplification of one problem's nodes and edges, kept for the
-    problems that differ from it only in memory rows and budget: ``alpa_lite.fit`` solves a
+    problems that differ from it only in memory rows and budget: ``alpa_lite.intra.fit`` solves a
     problem again with rows added or the budget lowered, and neither merging (``ilp.merge``) nor
     ``simplify`` reads rows or budget (on a 96-layer GPT the two take 2-3 s of every solve). A
     problem with other nodes, edges or follow relations is reduced afresh."""

@@ -29,7 +29,7 @@ def compiled_with_stats(plan: Any, fn: Callable[..., Any], args: Sequence[Any]) 
     """``(plan.compile(fn), its CompiledStats)``, compiled once: for copies of ``args`` placed as
     the compiled plan places them when called (jax compiles again for arguments committed to
     other shardings, or to none), so that running the step reuses this executable."""
-    from alpa_lite.hlo_stats import stats_of
+    from alpa_lite.measure.hlo_stats import stats_of
 
     step = plan.compile(fn)
     return step, stats_of(step, *placed_args(plan, args))

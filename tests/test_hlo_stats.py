@@ -1,4 +1,4 @@
-"""alpa_lite.hlo_stats: collectives, FLOPs and memory read from compiled XLA programs.
+"""alpa_lite.measure.hlo_stats: collectives, FLOPs and memory read from compiled XLA programs.
 
 Part (a) feeds literal HLO lines in every replica-group form and of every collective kind;
 part (b) compiles real programs on the 8 CPU devices set up by conftest.py.
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alpa_lite.hlo_stats import (
+from alpa_lite.measure.hlo_stats import (
     CompiledCollective,
     CompiledStats,
     compiled_stats,

@@ -33,7 +33,7 @@ from typing import Any
 
 from jax import lax
 
-from alpa_lite.graph import TensorInfo
+from alpa_lite.ir.graph import TensorInfo
 from cost_model.context import RuleContext
 from cost_model.einsum import LoopDim, einsum_strategies
 from cost_model.registry import register_strategy

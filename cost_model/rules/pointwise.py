@@ -11,9 +11,9 @@ from typing import Any
 
 from jax.extend.core import primitives as P
 
-from alpa_lite.graph import TensorInfo
-from alpa_lite.hlo_names import ELEMENTWISE
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.hlo_names import ELEMENTWISE
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import RuleContext
 from cost_model.registry import register_strategy
 from cost_model.strategy import Strategy

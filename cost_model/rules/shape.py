@@ -15,8 +15,8 @@ from typing import Any
 
 from jax import lax
 
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import RuleContext
 from cost_model.registry import register_strategy
 from cost_model.strategy import Strategy

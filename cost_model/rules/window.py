@@ -15,7 +15,7 @@ from typing import Any
 from jax import lax
 from jax.extend.core import primitives as P
 
-from alpa_lite.graph import TensorInfo
+from alpa_lite.ir.graph import TensorInfo
 from cost_model.context import RuleContext
 from cost_model.registry import register_strategy
 from cost_model.rules.indexing import whole_dim_strategies

@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import alpa_lite as al
-from alpa_lite.cluster import parse_mesh
-from alpa_lite.errors import InfeasibleError, MeshError, PlanFileError, PlanningError, ShardingError, SignatureError
+from alpa_lite.ir.cluster import parse_mesh
+from alpa_lite.ir.errors import InfeasibleError, MeshError, PlanFileError, PlanningError, ShardingError, SignatureError
 from tests.helpers import fresh, make_mesh
 
 
@@ -371,7 +371,7 @@ def test_baseline_on_dimensions_no_mesh_axis_divides_says_what_stays_replicated(
         return jnp.tanh(x @ w).sum()
 
     w, x = jnp.ones((3, 5)), jnp.ones((4, 3))
-    with caplog.at_level("WARNING", logger="alpa_lite.planner"):
+    with caplog.at_level("WARNING", logger="alpa_lite.intra.planner"):
         plan = al.plan(f, w, x, mesh=make_mesh((8,)), method="megatron")
     assert plan.input_specs[0].axes_used() == ()
     (message,) = [m for m in plan.warnings if m.startswith("megatron:")]

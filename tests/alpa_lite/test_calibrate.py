@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alpa_lite.calibrate import (
+from alpa_lite.ir.cluster import ClusterSpec, Link
+from alpa_lite.ir.errors import MeshError
+from alpa_lite.measure.calibrate import (
     KINDS,
     CalibrationError,
     CalibrationOptions,
@@ -28,8 +30,6 @@ from alpa_lite.calibrate import (
     time_collective,
     wire_bytes,
 )
-from alpa_lite.cluster import ClusterSpec, Link
-from alpa_lite.errors import MeshError
 from cost_model.collectives import all_reduce, collective_time
 from tests.helpers import make_mesh
 
@@ -326,7 +326,7 @@ def test_bad_input_is_one_line_and_exit_status_2(case, capsys, monkeypatch):
 
 def test_fit_leaves_out_non_positive_timings_with_a_warning():
     """A busy machine can make a chained-timing difference come out ≤ 0: that sample is dropped."""
-    from alpa_lite.calibrate import Sample, fit_samples
+    from alpa_lite.measure.calibrate import Sample, fit_samples
 
     alpha, beta = 20e-6, 2e9
     good = [Sample("all-gather", "x", 2, n, 0.0) for n in (4096.0, 65536.0, 1048576.0)]
@@ -340,7 +340,7 @@ def test_fit_leaves_out_non_positive_timings_with_a_warning():
 def test_noisy_axis_is_timed_again_with_more_repeats(monkeypatch):
     """Times that shrink with the message size (a busy machine) are timed again with twice the
     repeats; the calibration then fits, and says so in its notes."""
-    import alpa_lite.calibrate as cal
+    import alpa_lite.measure.calibrate as cal
 
     calls = []
 

@@ -302,7 +302,7 @@ def test_parse_memory_rejects(text):
 
 
 def test_cli_methods_are_the_planners():
-    from alpa_lite.planner import METHODS
+    from alpa_lite.intra.planner import METHODS
 
     assert cli.METHODS == METHODS
 

@@ -1,4 +1,4 @@
-"""``alpa_lite.cluster``: presets, per-axis links, mesh views, ``from_mesh``, JSON and mesh
+"""``alpa_lite.ir.cluster``: presets, per-axis links, mesh views, ``from_mesh``, JSON and mesh
 strings."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import jax
 import pytest
 
-from alpa_lite.cluster import GB, ClusterSpec, DeviceModel, Link, parse_mesh
-from alpa_lite.errors import MeshError, PlanningError
+from alpa_lite.ir.cluster import GB, ClusterSpec, DeviceModel, Link, parse_mesh
+from alpa_lite.ir.errors import MeshError, PlanningError
 from tests.helpers import make_mesh
 
 GiB = 2**30

@@ -1,4 +1,4 @@
-"""``alpa_lite.fit``: the ILP charges copies their least bytes (a relaxation); the plan returned
+"""``alpa_lite.intra.fit``: the ILP charges copies their least bytes (a relaxation); the plan returned
 always fits the budget with every copy counted exactly, or the exact model proves none does.
 
 The MLP below peaks at 268,568 B per device unbounded on 8 devices; budgets just under that are
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import alpa_lite as al
-from alpa_lite import intra_op
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import InfeasibleError
-from alpa_lite.fit import solve_within_budget
-from alpa_lite.intra_op import build_problem, memory_profile, peak_memory
-from alpa_lite.planner import find_ties
-from alpa_lite.tracer import trace
+from alpa_lite.intra import problem as intra_op
+from alpa_lite.intra.fit import solve_within_budget
+from alpa_lite.intra.planner import find_ties
+from alpa_lite.intra.problem import build_problem, memory_profile, peak_memory
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import InfeasibleError
+from alpa_lite.tracing.tracer import trace
 from cost_model.builder import build_strategies
 from examples.mlp import make_example
 from ilp import IlpOptions, solve
@@ -68,7 +68,7 @@ def test_relaxed_plan_over_budget_is_solved_again(mlp, caplog):
     relaxed = build_problem(sgraph, ties, budget)
     first = solve(relaxed.problem)
     assert first.peak_memory <= budget < peak_memory(relaxed, first.choice)  # the relaxation misses copies
-    with caplog.at_level(logging.INFO, logger="alpa_lite.fit"), pytest.raises(InfeasibleError):
+    with caplog.at_level(logging.INFO, logger="alpa_lite.intra.fit"), pytest.raises(InfeasibleError):
         _fit(sgraph, ties, budget)
     assert "solving again with the ILP's budget" in caplog.text
     assert "solving the exact model" in caplog.text
@@ -111,7 +111,7 @@ def test_lazy_rows_give_the_optimum_of_all_rows(budget, seed, mlp, monkeypatch, 
     monkeypatch.setattr(intra_op, "LAZY_ROWS", 0)
     if seed == "first point":
         monkeypatch.setattr(intra_op, "_seed_rows", lambda top, low: [0])
-    with caplog.at_level(logging.INFO, logger="alpa_lite.fit"):
+    with caplog.at_level(logging.INFO, logger="alpa_lite.intra.fit"):
         iop, sol = _fit(sgraph, ties, budget)
     assert len(iop.rows) < iop.liveness.num_points  # not every row listed
     assert ("rows added" in caplog.text) == (seed == "first point" and budget < 268_568)

@@ -1,4 +1,4 @@
-"""``alpa_lite.hashing.cached_hash``: the specs, tensors and cluster the cost model memoises on
+"""``alpa_lite.ir.hashing.cached_hash``: the specs, tensors and cluster the cost model memoises on
 hash once, equal to the dataclass's own hash, and never carry a hash across a pickle."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pickle
 
 import pytest
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
 
 
 def _field_hash(obj) -> int:

@@ -14,11 +14,11 @@ import pytest
 from rich.console import Console
 
 import alpa_lite as al
-from alpa_lite.hlo_stats import stats_of
-from alpa_lite.pipeline_check import stage_examples
-from alpa_lite.pipeline_layers import view_cluster
-from alpa_lite.pipeline_runtime import compile_pipeline
-from alpa_lite.report import check_renderable
+from alpa_lite.measure.hlo_stats import stats_of
+from alpa_lite.pipeline.check import stage_examples
+from alpa_lite.pipeline.layers import view_cluster
+from alpa_lite.pipeline.runtime import compile_pipeline
+from alpa_lite.report.terminal import check_renderable
 from cost_model.collectives import collective_time
 from cost_model.strategy import Collective
 from examples import gpt
@@ -220,7 +220,7 @@ def test_cli_check_of_a_saved_pipeline_plan(tmp_path):
 
 
 def test_stacked_accumulators_need_every_contribution_deferred_alike():
-    from alpa_lite.pipeline_accum import stacked_accumulators
+    from alpa_lite.pipeline.accum import stacked_accumulators
 
     got = stacked_accumulators([("w", ("dp",)), ("w", ("dp",)), ("b", ("dp",)), ("b", None),
                                 ("u", ("dp",)), ("u", ("dp", "tp")), ("v", None)])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import alpa_lite as al
-from alpa_lite.pipeline_planner import plan_pipeline
+from alpa_lite.pipeline.planner import plan_pipeline
 from examples import gpt
 from tests.alpa_lite.test_pipeline_numerics import mlp_example
 

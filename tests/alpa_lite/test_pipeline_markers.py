@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import alpa_lite as al
-from alpa_lite.markers import mark_layer_p, value_and_grad_p
-from alpa_lite.pipeline_program import cut_layers, layer_starts, split_step
+from alpa_lite.pipeline.program import cut_layers, layer_starts, split_step
+from alpa_lite.tracing.markers import mark_layer_p, value_and_grad_p
 from tests.alpa_lite.test_pipeline_numerics import mlp_example
 from tests.helpers import assert_steps_equal, make_mesh
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import alpa_lite as al
-from alpa_lite.pipeline_planner import plan_pipeline
+from alpa_lite.pipeline.planner import plan_pipeline
 from examples import gpt
 from examples.mlp import init_params
 from tests.helpers import assert_steps_equal, fresh, make_mesh

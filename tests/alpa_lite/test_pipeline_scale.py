@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import alpa_lite as al
-from alpa_lite import pipeline_planner
-from alpa_lite.errors import InfeasibleError
-from alpa_lite.pipeline_planner import plan_pipeline
+from alpa_lite.ir.errors import InfeasibleError
+from alpa_lite.pipeline import planner as pipeline_planner
+from alpa_lite.pipeline.planner import plan_pipeline
 from tests.alpa_lite.test_pipeline_numerics import CLUSTER, mlp_example
 from tests.helpers import make_mesh
 

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 import alpa_lite as al
-from alpa_lite.errors import InfeasibleError, PlanFileError, PlanningError, SignatureError
+from alpa_lite.ir.errors import InfeasibleError, PlanFileError, PlanningError, SignatureError
 from examples.mlp import make_example
 from tests.helpers import assert_steps_equal, make_mesh
 

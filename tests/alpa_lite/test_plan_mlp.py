@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import alpa_lite as al
-from alpa_lite.hlo_stats import stats_of
+from alpa_lite.measure.hlo_stats import stats_of
 from examples.mlp import make_example
 from tests.helpers import assert_steps_equal, compiled_with_stats, fresh, make_mesh
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import alpa_lite as al
-from alpa_lite.baselines import BASELINES
-from alpa_lite.errors import SignatureError
+from alpa_lite.intra.baselines import BASELINES
+from alpa_lite.ir.errors import SignatureError
 from examples.mlp import make_example
 from tests.helpers import assert_steps_equal, fresh, make_mesh
 
@@ -25,7 +25,7 @@ def mlp4():
 def _cut_short(monkeypatch, cut):
     """The planner's first ILP search (the auto plan's; the baselines' come after it) goes
     through ``cut(real, build, options)``: a stop that is the same on every machine."""
-    import alpa_lite.planner as planner
+    import alpa_lite.intra.planner as planner
 
     real = planner.solve_within_budget
     calls = []

@@ -1,4 +1,4 @@
-"""``alpa_lite.specs``: printing and parsing, PartitionSpec conversion, per-device shapes,
+"""``alpa_lite.ir.specs``: printing and parsing, PartitionSpec conversion, per-device shapes,
 validation errors and the exact list ``enumerate_specs`` gives."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alpa_lite.errors import PlanningError, ShardingError
-from alpa_lite.specs import ShardingSpec, enumerate_specs
+from alpa_lite.ir.errors import PlanningError, ShardingError
+from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
 
 S = ShardingSpec
 MESH_8 = {"x": 8}

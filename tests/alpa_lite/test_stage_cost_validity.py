@@ -20,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 import alpa_lite as al
-from alpa_lite import pipeline_layers, pipeline_planner
-from alpa_lite.pipeline_layers import layer_problem, layer_solution, view_cluster
-from alpa_lite.pipeline_planner import plan_pipeline
+from alpa_lite.pipeline import layers as pipeline_layers
+from alpa_lite.pipeline import planner as pipeline_planner
+from alpa_lite.pipeline.layers import layer_problem, layer_solution, view_cluster
+from alpa_lite.pipeline.planner import plan_pipeline
 from examples import gpt
 from ilp import Edge, IlpOptions, solve
 from tests.helpers import assert_steps_equal, make_mesh

@@ -1,4 +1,4 @@
-"""``alpa_lite.tracer.trace``: a flat, HLO-named op graph with FLOPs, fixed specs and liveness."""
+"""``alpa_lite.tracing.tracer.trace``: a flat, HLO-named op graph with FLOPs, fixed specs and liveness."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alpa_lite.errors import PlanningError
-from alpa_lite.specs import ShardingSpec
-from alpa_lite.tracer import trace
+from alpa_lite.ir.errors import PlanningError
+from alpa_lite.ir.specs import ShardingSpec
+from alpa_lite.tracing.tracer import trace
 from examples.mlp import make_example
 from tests.helpers import make_mesh
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from alpa_lite.cluster import ClusterSpec
+from alpa_lite.ir.cluster import ClusterSpec
 from cost_model.collectives import (
     all_gather,
     all_reduce,

@@ -1,4 +1,4 @@
-"""The memory model (``cost_model.memory``, ``alpa_lite.intra_op``): resharded copies, which
+"""The memory model (``cost_model.memory``, ``alpa_lite.intra.problem``): resharded copies, which
 ops XLA materialises and until when, and the update tail whose gradient reductions XLA combines.
 
 ``copy_bytes`` is checked against arithmetic on a ``[64, 32]`` tensor over a 2×4 mesh; the
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import alpa_lite as al
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.graph import TensorInfo
-from alpa_lite.hlo_stats import stats_of
-from alpa_lite.intra_op import _kept, build_problem, peak_memory, update_tail
-from alpa_lite.planner import find_ties
-from alpa_lite.specs import ShardingSpec
-from alpa_lite.tracer import trace
+from alpa_lite.intra.planner import find_ties
+from alpa_lite.intra.problem import _kept, build_problem, peak_memory, update_tail
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
+from alpa_lite.measure.hlo_stats import stats_of
+from alpa_lite.tracing.tracer import trace
 from cost_model.builder import build_strategies
 from cost_model.memory import copy_bytes, materialised
 from examples.mlp import make_example
@@ -125,7 +125,7 @@ def test_predicted_memory_of_weight_moving_plans(method):
 @pytest.fixture
 def last_problem(monkeypatch):
     """The (IntraOpProblem, IlpSolution) of the last one-stage plan made in the test."""
-    import alpa_lite.planner as planner
+    import alpa_lite.intra.planner as planner
 
     seen = {}
     original = planner.assemble_plan
@@ -142,7 +142,7 @@ def last_problem(monkeypatch):
 def test_copies_have_nodes_when_the_budget_can_bind(method, budget, last_problem):
     """Under a budget some plan could pass, copies have nodes in the ILP (charged their least
     bytes but for weights'): the ILP's peak is a lower bound of the exact peak of its choice, and the plan
-    (``alpa_lite.fit``) fits the budget exactly. (Without such a budget the ILP has no copy
+    (``alpa_lite.intra.fit``) fits the budget exactly. (Without such a budget the ILP has no copy
     nodes and only the report counts them.)"""
     fn, args = make_example(batch=16, hidden=1024, dim=64, layers=2)
     plan = al.plan(fn, *args, mesh=make_mesh((8,)), method=method, memory_budget=budget)
@@ -181,7 +181,7 @@ def test_exact_model_counts_the_largest_of_several_transients(budget):
     other. The exact model gives each transient a node and that point one row per transient, so
     its peak is the exact one at every budget (it charged the transient that *could* be largest
     before: a plan at 9,728 B by the ILP's rows needed 13,824 B)."""
-    from alpa_lite.intra_op import memory_profile
+    from alpa_lite.intra.problem import memory_profile
 
     def fn(x, w1, w2):
         return jnp.tanh(x @ w1) @ w2
@@ -204,7 +204,7 @@ def test_copy_matrices_are_per_pair_copy_bytes_and_fresh_each_call():
     and callers get arrays of their own: changing one must not change the next call's."""
     from types import SimpleNamespace
 
-    from alpa_lite.intra_op import _copy_matrices
+    from alpa_lite.intra.problem import _copy_matrices
 
     srcs = [S("[x,R]"), S("[R,y]"), S("[x,R]")]
     readers = [SimpleNamespace(in_specs=specs) for specs in

@@ -1,7 +1,7 @@
 """Resharding: expected seconds as arithmetic, and predicted wire bytes against compiled XLA.
 
 The XLA checks compile on the 8 CPU devices conftest sets up and read the collectives out of
-the compiled text with ``alpa_lite.hlo_stats.parse_collectives``.
+the compiled text with ``alpa_lite.measure.hlo_stats.parse_collectives``.
 """
 
 import collections
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import ShardingError
-from alpa_lite.graph import TensorInfo
-from alpa_lite.hlo_stats import parse_collectives
-from alpa_lite.specs import ShardingSpec, enumerate_specs
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import ShardingError
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
+from alpa_lite.measure.hlo_stats import parse_collectives
 from cost_model.resharding import reshard, reshard_path, resharding_matrix
 
 S = ShardingSpec.parse

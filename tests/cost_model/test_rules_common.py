@@ -28,11 +28,11 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.graph import Op
-from alpa_lite.hlo_stats import CompiledCollective, parse_collectives
-from alpa_lite.specs import ShardingSpec
-from alpa_lite.tracer import trace
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import Op
+from alpa_lite.ir.specs import ShardingSpec
+from alpa_lite.measure.hlo_stats import CompiledCollective, parse_collectives
+from alpa_lite.tracing.tracer import trace
 from cost_model.builder import build_strategies
 from cost_model.strategy import Strategy
 

@@ -18,10 +18,10 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.errors import ShardingError
-from alpa_lite.specs import ShardingSpec, enumerate_specs
-from alpa_lite.tracer import trace
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.errors import ShardingError
+from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
+from alpa_lite.tracing.tracer import trace
 from cost_model import registry
 from cost_model.builder import build_strategies
 from tests.helpers import make_mesh

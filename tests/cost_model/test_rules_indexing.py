@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 from test_rules_common import check_strategy, described, op_strategies, rng_array, run_strategy
 
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.strategy import Strategy
 
 F32 = np.float32

@@ -9,8 +9,8 @@ from jax import lax
 from jax.extend.core import primitives as P
 from test_rules_common import CLUSTER, check_strategy, op_strategies, rng_array, run_strategy
 
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import RuleContext
 from cost_model.registry import rule_for
 from cost_model.strategy import Strategy

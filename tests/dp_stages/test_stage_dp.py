@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.ir.errors import InfeasibleError, PlanningError
 from dp_stages import (
     StageDPInput,
     best_stage_plan,

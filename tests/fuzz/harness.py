@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import alpa_lite as al
-from alpa_lite.hlo_stats import stats_of
+from alpa_lite.measure.hlo_stats import stats_of
 from tests.fuzz.programs import Case
 from tests.helpers import make_mesh
 

@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alpa_lite.specs import enumerate_specs
+from alpa_lite.ir.specs import enumerate_specs
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 MESHES = ((8,), (2, 4), (4, 2), (2, 2, 2))

@@ -3,8 +3,8 @@ minimised by hand), run through the same harness: numbers right, wire bytes with
 
 Fixed here (regression tests pass): dead code planned and predicted (tracer), resharding through
 uneven pieces (cost_model/resharding.py), a str static argument (emit). Reported, not fixed
-here (xfail, strict): an input returned unchanged (alpa_lite/intra_op.py), baselines on a
-3-axis mesh (alpa_lite/baselines.py).
+here (xfail, strict): an input returned unchanged (alpa_lite/intra/problem.py), baselines on a
+3-axis mesh (alpa_lite/intra/baselines.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import pytest
 
 import alpa_lite as al
-from alpa_lite.graph import TensorInfo
-from alpa_lite.specs import ShardingSpec
-from alpa_lite.tracer import trace
+from alpa_lite.ir.graph import TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
+from alpa_lite.tracing.tracer import trace
 from cost_model.resharding import reshard_path
 from tests.fuzz.harness import cluster_for, run_program
 from tests.helpers import make_mesh

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from alpa_lite.errors import InfeasibleError
+from alpa_lite.ir.errors import InfeasibleError
 from ilp import Edge, IlpOptions, IlpProblem, evaluate, solve
 from ilp.brute import brute_force, brute_force_min_peak
 

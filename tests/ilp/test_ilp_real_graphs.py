@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alpa_lite.cluster import ClusterSpec
-from alpa_lite.intra_op import build_problem
-from alpa_lite.planner import find_ties
-from alpa_lite.tracer import trace
+from alpa_lite.intra.planner import find_ties
+from alpa_lite.intra.problem import build_problem
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.tracing.tracer import trace
 from cost_model.builder import build_strategies
 from ilp import IlpOptions, IlpProblem, evaluate, solve
 from ilp.brute import MAX_COMBINATIONS, brute_force, brute_force_min_peak

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from alpa_lite.errors import InfeasibleError, PlanningError
+from alpa_lite.ir.errors import InfeasibleError, PlanningError
 from ilp import Edge, IlpOptions, IlpProblem, NoSolutionError, evaluate, solve, solver
 from ilp.brute import brute_force
 from ilp.solver import format_bytes
@@ -228,7 +228,7 @@ def test_same_problem_twice_gives_same_choice():
 
 
 def test_reductions_kept_for_other_rows_and_redone_for_other_costs(monkeypatch):
-    """A problem solved again with other memory rows and budget (``alpa_lite.fit``'s rounds)
+    """A problem solved again with other memory rows and budget (``alpa_lite.intra.fit``'s rounds)
     reuses its merged, simplified form, and gets the plan a fresh solve gets under the new rows;
     a problem with other costs is reduced afresh."""
     rng = np.random.default_rng(5)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from alpa_lite.hlo_stats import CompiledCollective, CompiledStats, parse_collectives
+from alpa_lite.measure.hlo_stats import CompiledCollective, CompiledStats, parse_collectives
 from tests.helpers import compiled_with_stats, placed_args
 
 WIRE_TOLERANCE = 0.10

@@ -83,7 +83,7 @@ def test_attention_norm_and_activation_ops_all_have_rules():
     import jax
     import jax.numpy as jnp
 
-    from alpa_lite.tracer import trace
+    from alpa_lite.tracing.tracer import trace
     from cost_model.builder import build_strategies
     from examples.bert import layer_norm
     from examples.scan_gpt import causal_attention, rms_norm

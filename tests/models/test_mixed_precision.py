@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from models_common import measure
 
 import alpa_lite as al
-from alpa_lite.hlo_stats import stats_of
+from alpa_lite.measure.hlo_stats import stats_of
 from examples.scan_gpt import GptConfig, make_example
 from tests.helpers import assert_steps_equal, make_mesh
 

@@ -13,7 +13,7 @@ import numpy as np
 from models_common import measure
 
 import alpa_lite as al
-from alpa_lite.intra_op import build_problem
+from alpa_lite.intra.problem import build_problem
 from examples.scan_gpt import GptConfig, make_example
 from tests.helpers import assert_steps_equal, make_mesh
 
@@ -24,8 +24,8 @@ def _ilp_variables(fn, args, mesh) -> int:
     """Variables of the intra-op ILP as design.md states it: one s_v[i] per strategy, one
     e_vu[i, j] per allowed strategy pair of an edge (before the solver's presolve, which prunes
     by cost values and so keeps a different number for different trip counts)."""
-    from alpa_lite.planner import find_ties, resolve_mesh
-    from alpa_lite.tracer import trace
+    from alpa_lite.intra.planner import find_ties, resolve_mesh
+    from alpa_lite.tracing.tracer import trace
     from cost_model.builder import build_strategies
 
     _, cluster = resolve_mesh(mesh, None)

@@ -92,7 +92,7 @@ def test_wide_channels_send_less_than_data_parallel_compiled():
 
 def test_max_pooling_and_its_gradient_have_rules():
     """reduce_window max and its gradient select_and_scatter_add split batch and channels."""
-    from alpa_lite.tracer import trace
+    from alpa_lite.tracing.tracer import trace
     from cost_model.builder import build_strategies
 
     fn, args = make_example(ResNetConfig(batch=16, image=8, width=16, pool="max"))

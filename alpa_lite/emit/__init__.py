@@ -1,0 +1,1 @@
+"""Subpackage emit (see its modules)."""

@@ -1,0 +1,134 @@
+"""Emission: a solved plan → a ``jax.jit`` function with ``jax.sharding`` annotations.
+
+The body replays the traced program op by op (``primitive.bind``), with
+``with_sharding_constraint`` on every op output the plan decided (the reduced spec of a
+partial sum: the consumers' common spec, so XLA can reduce-scatter) and on every operand that a
+consumer wants in another spec than it was produced in. Ops with no rule are left to XLA.
+It is wrapped in ``auto_axes`` (design.md: works on Explicit and Auto meshes alike) and jitted
+with the plan's input/output shardings and donation of carried state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alpa_lite.intra.scan import emit_scan  # also files the scan op's strategy rule
+from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.ir.graph import OpGraph
+from alpa_lite.ir.specs import ShardingSpec
+from cost_model.resharding import reshard_path
+
+
+@dataclass(frozen=True)
+class OpLayout:
+    """What the plan decided for one op: its outputs' specs, the specs its operands arrive in,
+    and whether it is left to XLA (no rule)."""
+
+    outs: tuple[ShardingSpec, ...]
+    ins: tuple[ShardingSpec, ...]
+    free: bool = False
+
+
+def constrain_to(x: Any, spec: ShardingSpec, mesh: Any = None) -> Any:
+    """``with_sharding_constraint(x, spec)`` (partial axes dropped); scalars pass through."""
+    if not getattr(x, "ndim", 0):
+        return x
+    pspec = spec.to_partition_spec()
+    # Inside auto_axes on an Explicit mesh the context mesh is set: a bare PartitionSpec
+    # refers to it. On an Auto mesh there is no context mesh: name the mesh.
+    if jax.sharding.get_abstract_mesh().empty and mesh is not None:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, pspec))
+    return jax.lax.with_sharding_constraint(x, pspec)
+
+
+def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequence[ShardingSpec],
+              cluster: ClusterSpec, mesh: Any = None) -> Callable[..., list[Any]]:
+    """A function of the flat inputs that runs the program with the plan's constraints.
+
+    A non-partial op output is constrained to its spec. Where a consumer wants another spec,
+    every intermediate spec of the modelled resharding path (``reshard_path``) is constrained in
+    turn, so XLA performs the collectives the cost model charged (given only the end spec it may
+    replicate first). A partial-sum output is left unconstrained: its consumers' first
+    constraint is where XLA reduces it, as the model charges on the out-edge.
+    """
+    produced: dict[int, ShardingSpec] = {}
+    for op, lay in zip(graph.ops, layouts):
+        if not lay.free:
+            produced.update(zip(op.outputs, lay.outs))
+
+    def constrain(x: Any, spec: ShardingSpec) -> Any:
+        return constrain_to(x, spec, mesh)
+
+    def body(*flat: Any) -> list[Any]:
+        env: dict[int, Any] = {}
+        moved: dict[tuple[int, ShardingSpec], Any] = {}
+
+        def fetch(t: int, want: ShardingSpec | None) -> Any:
+            src = produced.get(t)
+            if want is None or src is None or want == src:
+                return env[t]
+            if (t, want) not in moved:
+                x = env[t]
+                for step in reshard_path(src, want, graph.tensors[t], cluster):
+                    key = (t, step.spec)
+                    x = moved[key] if key in moved else constrain(x, step.spec)
+                    moved[key] = x
+                moved[(t, want)] = x
+            return moved[(t, want)]
+
+        for op, lay in zip(graph.ops, layouts):
+            if op.kind == "parameter":
+                env[op.outputs[0]] = flat[op.params["index"]]
+                continue
+            if op.kind == "constant":
+                env[op.outputs[0]] = op.params["value"]
+                continue
+            wants = [None] * len(op.operands) if lay.free else list(lay.ins)
+            ins = [fetch(t, w) for t, w in zip(op.operands, wants)]
+            if op.primitive is lax.scan_p and not lay.free:  # constraints inside the loop body
+                outs = emit_scan(op, ins, lay.outs, lay.ins, cluster, mesh)
+            else:
+                params = op.primitive.get_bind_params(dict(op.params))
+                outs = op.primitive.bind(*ins, **params)
+                outs = outs if op.primitive.multiple_results else [outs]
+            for t, x, spec in zip(op.outputs, outs, lay.outs):
+                env[t] = x if lay.free or spec.is_partial else constrain(x, spec)
+        return [fetch(t, s) for t, s in zip(graph.outputs, output_specs)]
+
+    return body
+
+
+def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: ClusterSpec,
+             input_specs: Sequence[ShardingSpec], output_specs: Sequence[ShardingSpec],
+             num_args: int, static_argnums: Sequence[int], donate_argnums: Sequence[int]) -> Any:
+    """``jax.jit(auto_axes(body), in_shardings=..., out_shardings via auto_axes, donate...)``
+    taking the user's (pytree) arguments, static ones included."""
+    body = make_body(graph, layouts, output_specs, cluster, mesh)
+    static = tuple(sorted(static_argnums))
+    in_leaf_sh = [NamedSharding(mesh, s.to_partition_spec()) for s in input_specs]
+    out_leaf_sh = [NamedSharding(mesh, s.to_partition_spec()) for s in output_specs]
+    out_sh = jax.tree.unflatten(graph.out_tree, out_leaf_sh)
+    dyn_sh = jax.tree.unflatten(graph.in_tree, in_leaf_sh)
+
+    def tree_body(*dyn: Any) -> Any:
+        return jax.tree.unflatten(graph.out_tree, body(*jax.tree.leaves(dyn)))
+
+    def fn(*args: Any) -> Any:
+        # Static arguments stay out of auto_axes: it takes JAX types only (a str is not one),
+        # and the traced program already holds their values.
+        dyn = [a for i, a in enumerate(args) if i not in static]
+        return jax.sharding.auto_axes(tree_body, out_sharding=out_sh)(*dyn)
+
+    in_shardings = tuple(dyn_sh)
+    return jax.jit(fn, in_shardings=in_shardings, static_argnums=static,
+                   donate_argnums=tuple(donate_argnums))
+
+
+def partition_specs(specs: Sequence[ShardingSpec]) -> list[PartitionSpec]:
+    return [s.to_partition_spec() for s in specs]

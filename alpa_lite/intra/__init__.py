@@ -1,0 +1,1 @@
+"""Subpackage intra (see its modules)."""

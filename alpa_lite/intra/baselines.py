@@ -1,0 +1,141 @@
+"""Hand strategies as restrictions of the same ILP ("the same model with strategies fixed").
+
+Each baseline fixes the specs of the function's inputs (state: params and optimizer state;
+batch: the data) and, for ZeRO-3, forbids using a parameter in a matmul other than gathered.
+The ILP then places everything in between at least cost, as XLA's propagation would. Because a
+baseline only removes choices, auto's modelled cost can never exceed a baseline's.
+
+- data_parallel: state replicated; batch dim 0 split over every mesh axis.
+- zero3: state split on its largest dividing dim over every axis; batch as data_parallel;
+  matmuls take parameters whole (all-gathered), as ZeRO stage 3 / FSDP does.
+- megatron: batch replicated; 2-D+ weights alternate column (last dim) / row (dim 0) splits,
+  used in place by the matmuls (never gathered)
+  over every axis, in the order the forward pass first uses them; other state replicated.
+- dp_tp (2-D meshes): batch split over the first axis, Megatron over the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from alpa_lite.ir.errors import PlanningError
+from alpa_lite.ir.graph import OpGraph, TensorInfo
+from alpa_lite.ir.specs import ShardingSpec
+from cost_model.builder import StrategyGraph
+
+BASELINES = ("data_parallel", "zero3", "megatron", "dp_tp")
+_LAYOUT_OPS = {"transpose", "convert", "reshape", "copy", "broadcast"}
+
+
+def _split_dim(t: TensorInfo, dim: int, axes: Sequence[str], sizes: Mapping[str, int]) -> ShardingSpec:
+    """Split ``dim`` over the longest prefix of ``axes`` that divides it (replicated if none)."""
+    use: list[str] = []
+    n = 1
+    for a in axes:
+        if t.rank and t.shape[dim] % (n * sizes[a]) == 0:
+            use.append(a)
+            n *= sizes[a]
+    dims = [()] * t.rank
+    if use:
+        dims[dim] = tuple(use)
+    return ShardingSpec(tuple(dims))
+
+
+def _largest_dim_split(t: TensorInfo, axes: Sequence[str], sizes: Mapping[str, int]) -> ShardingSpec:
+    best = ShardingSpec.replicated(t.rank)
+    for d in sorted(range(t.rank), key=lambda d: -t.shape[d]):
+        s = _split_dim(t, d, axes, sizes)
+        if s.shard_factor(sizes) > best.shard_factor(sizes):
+            best = s
+    return best
+
+
+def _weight_order(graph: OpGraph, state_inputs: Sequence[int]) -> list[int]:
+    """State tensors of rank ≥ 2 in the order a dot/convolution first reads them."""
+    sources = {graph.inputs[i]: graph.inputs[i] for i in state_inputs}
+    order: list[int] = []
+    for op in graph.ops:
+        if op.kind in _LAYOUT_OPS and op.operands and op.operands[0] in sources:
+            for t in op.outputs:
+                sources[t] = sources[op.operands[0]]
+        if op.kind in ("dot", "convolution"):
+            for t in op.operands:
+                w = sources.get(t)
+                if w is not None and w not in order and graph.tensors[w].rank >= 2:
+                    order.append(w)
+    return order
+
+
+def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
+                         axis_names: Sequence[str], state_inputs: Sequence[int],
+                         batch_inputs: Sequence[int],
+                         state_groups: Mapping[int, int],
+                         unsplit: list[str] | None = None) -> dict[int, ShardingSpec]:
+    """Flat input position → spec. ``state_groups`` maps an optimizer-state input to the
+    parameter input it mirrors (same tree path and shape), which shares its layout. Inputs the
+    strategy would split but no dimension of which divides by the mesh axes stay replicated;
+    ``unsplit``, when given, receives one message for each."""
+    if method not in BASELINES:
+        raise PlanningError(f"unknown method {method!r}; choose 'auto' or one of {BASELINES}")
+    axes = [a for a in axis_names if sizes[a] > 1]
+    if method == "dp_tp" and len(axes) < 2:
+        raise PlanningError("method 'dp_tp' needs a 2-D mesh (data axis × model axis); "
+                            f"this mesh has axes {dict(sizes)}")
+    dp_axes = {"data_parallel": axes, "zero3": axes, "megatron": [], "dp_tp": axes[:1]}[method]
+    tp_axes = {"megatron": axes, "dp_tp": axes[-1:]}.get(method, [])
+    tensors = graph.tensors
+    specs: dict[int, ShardingSpec] = {}
+    for i in batch_inputs:
+        t = tensors[graph.inputs[i]]
+        specs[i] = _split_dim(t, 0, dp_axes, sizes) if t.rank else ShardingSpec(())
+    wanted = [i for i in batch_inputs if dp_axes]  # the inputs the method splits
+    order = _weight_order(graph, [state_groups.get(i, i) for i in state_inputs])
+    for i in state_inputs:
+        t = tensors[graph.inputs[i]]
+        if method == "zero3":
+            specs[i] = _largest_dim_split(t, axes, sizes)
+            wanted.append(i)
+        elif tp_axes and graph.inputs[state_groups.get(i, i)] in order:
+            k = order.index(graph.inputs[state_groups.get(i, i)])
+            specs[i] = _split_dim(t, t.rank - 1 if k % 2 == 0 else 0, tp_axes, sizes)
+            wanted.append(i)
+        else:
+            specs[i] = ShardingSpec.replicated(t.rank)
+    if unsplit is not None:
+        unsplit.extend(
+            f"{method}: input {i} {tensors[graph.inputs[i]].dtype}{list(tensors[graph.inputs[i]].shape)} "
+            f"does not divide where {method} splits it (mesh axes {dict(sizes)}): left replicated"
+            for i in wanted if tensors[graph.inputs[i]].rank and not specs[i].axes_used())
+    return specs
+
+
+def baseline_masks(method: str, sgraph: StrategyGraph,
+                   input_specs: Mapping[int, ShardingSpec],
+                   state_inputs: Sequence[int]) -> dict[int, list[bool]]:
+    """Allowed strategies per op: inputs fixed; for zero3, matmuls read parameters whole."""
+    g = sgraph.graph
+    masks: dict[int, list[bool]] = {}
+    for i, spec in input_specs.items():
+        op = g.producer[g.inputs[i]]
+        masks[op] = [s.out_specs[0] == spec for s in sgraph.strategies[op]]
+        if not any(masks[op]):
+            raise PlanningError(f"baseline {method!r} wants input {i} as {spec}, which the mesh "
+                                "cannot hold")
+    if method in ("zero3", "megatron", "dp_tp"):
+        # Matmuls read parameters as stored: ZeRO-3 gathers them whole first; Megatron uses
+        # its shards in place (no weight moves). Track the stored spec through transposes.
+        derived = {g.inputs[i]: (ShardingSpec.replicated(g.tensors[g.inputs[i]].rank)
+                                 if method == "zero3" else input_specs[i]) for i in state_inputs}
+        for op in g.ops:
+            src = op.operands[0] if op.operands else None
+            if src in derived and op.kind in ("transpose", "convert", "copy"):
+                spec = derived[src]
+                if op.kind == "transpose":
+                    spec = ShardingSpec(tuple(spec.dims[p] for p in op.params["permutation"]))
+                derived[op.outputs[0]] = spec
+            if op.kind in ("dot", "convolution"):
+                pos = [(k, derived[t]) for k, t in enumerate(op.operands) if t in derived]
+                if pos:
+                    masks[op.index] = [all(s.in_specs[k] == want for k, want in pos)
+                                       for s in sgraph.strategies[op.index]]
+    return masks

@@ -1,0 +1,1 @@
+"""Subpackage ir (see its modules)."""

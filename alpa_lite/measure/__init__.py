@@ -1,0 +1,1 @@
+"""Subpackage measure (see its modules)."""

@@ -1,0 +1,1 @@
+"""Subpackage pipeline (see its modules)."""

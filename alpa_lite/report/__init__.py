@@ -1,0 +1,1 @@
+"""Subpackage report (see its modules)."""

@@ -1,0 +1,1 @@
+"""Subpackage result (see its modules)."""

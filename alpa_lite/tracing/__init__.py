@@ -1,0 +1,1 @@
+"""Subpackage tracing (see its modules)."""
