@@ -17,7 +17,8 @@ from alpa_lite.ir.specs import ShardingSpec
 __version__ = "0.1.0"
 
 _LAZY = {
-    "plan": "alpa_lite.intra.planner",
+    "plan": "alpa_lite.api",
+    "clear_caches": "alpa_lite.api",
     "Plan": "alpa_lite.result.plan",
     "parallelize": "alpa_lite.api",
     "value_and_grad": "alpa_lite.tracing.markers",

@@ -1,6 +1,12 @@
-"""``@al.parallelize``: plan on the first call per input signature, then reuse the compiled plan.
+"""The public entry points: ``al.plan`` (one stage or a pipeline), ``@al.parallelize`` and
+``al.clear_caches``.
 
-Works bare (``@al.parallelize``) and with arguments (``@al.parallelize(mesh=mesh)``), as Alpa's
+``plan`` dispatches: a pipeline (``pipeline.planner``) when ``num_stages`` asks for more than one
+stage, or leaves it open for a step written with ``al.value_and_grad``; else the one-stage
+planner (``intra.planner``).
+
+``@al.parallelize`` plans on the first call per input signature, then reuses the compiled plan. It
+works bare (``@al.parallelize``) and with arguments (``@al.parallelize(mesh=mesh)``), as Alpa's
 ``parallelize`` does. The cache key is the pytree structure, shapes and dtypes of the dynamic
 arguments plus the values of static ones.
 """
@@ -14,7 +20,53 @@ from typing import Any
 import jax
 import numpy as np
 
+from alpa_lite.intra import scan
+from alpa_lite.intra.planner import METHODS, plan_one_stage
+from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import PlanningError
+from alpa_lite.pipeline import layers
+from alpa_lite.pipeline.planner import plan_pipeline
+from alpa_lite.pipeline.program import uses_value_and_grad
+from alpa_lite.result.plan import Plan
+
+
+def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterSpec | None = None,
+         method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
+         num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
+         donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
+         time_limit_s: float = 60.0, progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API").
+
+    ``progress``, when given, is called with each phase's name as it starts: "tracing",
+    "strategies", "ILP", "DP" (the CLI shows them on a terminal).
+    """
+    if method not in METHODS:
+        raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not time_limit_s > 0:
+        raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    if num_stages not in (None, 1) or (num_stages is None and method == "auto"
+                                       and _uses_pipeline_markers(fn, args, static_argnums)):
+        (progress or (lambda phase: None))("DP")
+        return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
+                             memory_budget=memory_budget, num_stages=num_stages,
+                             num_microbatches=num_microbatches, batch_argnums=batch_argnums,
+                             static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+    return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget,
+                          batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                          static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+
+
+def _uses_pipeline_markers(fn: Callable[..., Any], args: Sequence[Any], static_argnums: Sequence[int]) -> bool:
+    """Whether ``fn`` computes its gradients with ``al.value_and_grad`` (one ``make_jaxpr``):
+    then ``num_stages=None`` weighs pipelines against one stage."""
+    return uses_value_and_grad(fn, args, tuple(sorted(i % len(args) for i in static_argnums)) if args else ())
+
+
+def clear_caches() -> None:
+    """Forget what planning memoises across calls: scan bodies traced and solved, and pipeline
+    layers solved per view (each cache is bounded; this frees them, e.g. between models)."""
+    scan.clear_caches()
+    layers.clear_cache()
 
 
 class Parallelized:
@@ -42,8 +94,6 @@ class Parallelized:
     def _entry(self, args: Sequence[Any]) -> tuple[Any, Callable[..., Any]]:
         key = self._key(args)
         if key not in self._cache:
-            from alpa_lite.intra.planner import plan
-
             p = plan(self._fun, *args, **self._kwargs)
             self._cache[key] = (p, p.compile(self._fun))
         return self._cache[key]
@@ -63,8 +113,15 @@ class Parallelized:
         return len(self._cache)
 
 
-def parallelize(fun: Callable[..., Any] | None = None, **plan_kwargs: Any) -> Any:
-    """Decorate a function so it runs with an alpa-lite plan (``plan_kwargs`` go to ``al.plan``)."""
+def parallelize(fun: Callable[..., Any] | None = None, *, mesh: Any = None, cluster: ClusterSpec | None = None,
+                method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
+                num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
+                donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
+                time_limit_s: float = 60.0) -> Parallelized | Callable[[Callable[..., Any]], Parallelized]:
+    """Decorate a function so it runs with an alpa-lite plan; the options are ``plan``'s."""
+    options = dict(mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget, num_stages=num_stages,
+                   num_microbatches=num_microbatches, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                   static_argnums=static_argnums, time_limit_s=time_limit_s)
     if fun is None:
-        return lambda f: Parallelized(f, plan_kwargs)
-    return Parallelized(fun, plan_kwargs)
+        return lambda f: Parallelized(f, options)
+    return Parallelized(fun, options)

@@ -16,6 +16,7 @@ from functools import cached_property
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import TensorInfo
 from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
+from cost_model.collectives import all_reduce, collective_time
 from cost_model.strategy import Collective, Strategy
 
 # 16-bit floats a backend may compute (and communicate) in float32 instead.
@@ -75,8 +76,6 @@ class RuleContext:
 
         ``fused``: XLA fuses element-wise ops (and broadcasts) into their neighbours' kernels, so
         they cost their FLOPs only, not a pass over memory of their own."""
-        from cost_model.collectives import collective_time
-
         out_specs, in_specs = tuple(out_specs), tuple(in_specs)
         split_axes = set(out_specs[0].axes_used()) | set(out_specs[0].partial)
         split = math.prod(self.sizes[a] for a in split_axes)
@@ -96,8 +95,6 @@ class RuleContext:
         consumers in different specs would be charged two reductions, where the program reduces
         once and reshards the reduced value (the emitter constrains a non-partial output right at
         the op). Offering both lets the ILP share one reduction between consumers."""
-        from cost_model.collectives import all_reduce, collective_time
-
         out = list(strats)
         for s in strats:
             spec = s.out_specs[0]

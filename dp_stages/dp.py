@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alpa_lite.ir.errors import InfeasibleError
 from dp_stages.submeshes import num_devices
 
 
@@ -73,7 +74,7 @@ class _Tables:
 
 def stage_dp(inp: StageDPInput) -> tuple[float, StagePlan | None]:
     """Least-cost stage plan: ``(cost, plan)``, or ``(inf, None)`` when nothing is feasible."""
-    tab = _prepare(inp)
+    tab = prepare(inp)
     valid = np.isfinite(tab.t)
     if not valid.any():
         return float("inf"), None
@@ -130,10 +131,7 @@ def best_stage_plan(inp: StageDPInput) -> StagePlan:
     cost, plan = stage_dp(inp)
     if plan is not None:
         return plan
-    # Imported here: alpa_lite's package init pulls in jax, which the DP itself never needs.
-    from alpa_lite.ir.errors import InfeasibleError
-
-    tab = _prepare(inp)
+    tab = prepare(inp)
     if not np.isfinite(tab.t).any():
         why = "every (layer range, sub-mesh) entry is infeasible (inf), e.g. over memory"
     else:
@@ -256,7 +254,8 @@ def _walk(tab: _Tables, arg: np.ndarray, r: int, track: bool) -> tuple[tuple[int
     return tuple(stages)
 
 
-def _prepare(inp: StageDPInput) -> _Tables:
+def prepare(inp: StageDPInput) -> _Tables:
+    """The DP's tables for ``inp`` (also read by ``stage_count``); checks the input."""
     L, S = inp.num_layers, len(inp.submeshes)
     if L < 1:
         raise ValueError(f"num_layers must be >= 1, got {L}")

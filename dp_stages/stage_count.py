@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from dp_stages.dp import StageDPInput, StagePlan, _prepare, plan_cost
+from dp_stages.dp import StageDPInput, StagePlan, plan_cost, prepare
 
 
 def stage_dp_count(inp: StageDPInput, num_stages: int) -> tuple[float, StagePlan | None]:
     """Least-cost plan with exactly ``num_stages`` stages: ``(cost, plan)`` or ``(inf, None)``."""
-    tab = _prepare(inp)
+    tab = prepare(inp)
     k = int(num_stages)
     if k < 1 or k > min(inp.num_layers, tab.total_devices):
         return float("inf"), None

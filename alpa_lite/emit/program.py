@@ -6,33 +6,30 @@ partial sum: the consumers' common spec, so XLA can reduce-scatter) and on every
 consumer wants in another spec than it was produced in. Ops with no rule are left to XLA.
 It is wrapped in ``auto_axes`` (design.md: works on Explicit and Auto meshes alike) and jitted
 with the plan's input/output shardings and donation of carried state.
+
+A ``lax.scan`` op is re-bound as ``jax.lax.scan`` of a function that replays its body with the
+chosen body solution's constraints (``emit_scan``; the solution from ``intra.scan``), so
+constraints apply inside the loop, to the stacked parameters as sliced per layer.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alpa_lite.intra.scan import emit_scan  # also files the scan op's strategy rule
+from alpa_lite.intra.scan import body_plan_for
 from alpa_lite.ir.cluster import ClusterSpec
-from alpa_lite.ir.graph import OpGraph
+from alpa_lite.ir.graph import Op, OpGraph
 from alpa_lite.ir.specs import ShardingSpec
+from alpa_lite.result.plan import OpLayout
 from cost_model.resharding import reshard_path
 
-
-@dataclass(frozen=True)
-class OpLayout:
-    """What the plan decided for one op: its outputs' specs, the specs its operands arrive in,
-    and whether it is left to XLA (no rule)."""
-
-    outs: tuple[ShardingSpec, ...]
-    ins: tuple[ShardingSpec, ...]
-    free: bool = False
+log = logging.getLogger("alpa_lite.emit")
 
 
 def constrain_to(x: Any, spec: ShardingSpec, mesh: Any = None) -> Any:
@@ -132,3 +129,27 @@ def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: Cl
 
 def partition_specs(specs: Sequence[ShardingSpec]) -> list[PartitionSpec]:
     return [s.to_partition_spec() for s in specs]
+
+
+def emit_scan(op: Op, ins: Sequence[Any], outs: Sequence[ShardingSpec], in_specs: Sequence[ShardingSpec],
+              cluster: ClusterSpec, mesh: Any) -> list[Any]:
+    """Run the scan op with its body's sharding constraints applied in every iteration."""
+    p = op.params
+    bp = body_plan_for(op, outs, in_specs, cluster)
+    if bp is None:
+        log.warning("no body solution matches the scan's layout; its body is left to XLA")
+        return list(op.primitive.bind(*ins, **op.primitive.get_bind_params(dict(p))))
+    body = make_body(bp.graph, bp.layouts, bp.output_specs, cluster, mesh)
+    n_c, n_carry = int(p["num_consts"]), int(p["num_carry"])
+    consts, init, xs = list(ins[:n_c]), list(ins[n_c:n_c + n_carry]), list(ins[n_c + n_carry:])
+
+    def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        # Pin the loop state and the slices to the solution's specs, so XLA keeps the carry in
+        # the spec the body was solved for (left free, it may pick another and reshard twice).
+        flat = [constrain_to(a, spec, mesh) for a, spec in zip([*consts, *carry, *x], bp.input_specs)]
+        res = body(*flat)
+        return list(res[:n_carry]), list(res[n_carry:])
+
+    carry, ys = jax.lax.scan(step, init, xs if xs else None, length=int(p["length"]),
+                             reverse=bool(p["reverse"]), unroll=p.get("unroll", 1))
+    return [*carry, *ys]

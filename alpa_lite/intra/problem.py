@@ -149,13 +149,11 @@ def build_problem(sgraph: StrategyGraph, ties: Mapping[int, int],
                   memory_budget: float | None,
                   allowed: Mapping[int, Sequence[bool]] | None = None, *,
                   exact_copies: bool = False, all_rows: bool = False) -> IntraOpProblem:
-    """``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden.
+    """``sgraph``: from ``scan.strategy_graph`` (a backward scan offered the candidates matching its
+    forward scan's). ``allowed[op]`` masks strategies (baselines, hard constraints): False → forbidden.
     ``exact_copies``: copies whose bytes depend on the producer get exact nodes (module
     docstring); by default they are charged their least bytes. ``all_rows``: a memory row at
     every point even when there are more than ``LAZY_ROWS`` entries (module docstring)."""
-    from alpa_lite.intra.scan import pair_scans
-
-    sgraph = pair_scans(sgraph)  # a backward scan gets candidates matching its forward scan's
     g, cluster = sgraph.graph, sgraph.cluster
     strats = sgraph.strategies
     node_costs = [np.array([s.compute_s + s.comm_s for s in ss]) for ss in strats]

@@ -30,27 +30,28 @@ the forward body in the spec the backward body reads it in, so the halves meet w
 resharding. Solving once per candidate, whatever the trip count, keeps the outer problem the
 same size for 24 or 96 layers.
 
-Emission (``emit_scan``): the scan is re-bound as ``jax.lax.scan`` of a function that replays
-the body with the chosen solution's sharding constraints (``emit.make_body``), so constraints
-apply inside the loop, to the stacked parameters as sliced per layer.
+The body is traced by ``tracing.tracer.trace_body``; emission (``emit.program.emit_scan``) re-binds
+the scan as ``jax.lax.scan`` of the body replayed with the solution ``body_plan_for`` finds.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import jax
 from jax import lax
 
+from alpa_lite.intra.assemble import dst_spec
 from alpa_lite.intra.problem import IntraOpProblem, build_problem, peak_memory
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import Op, OpGraph, TensorInfo
 from alpa_lite.ir.specs import ShardingSpec, enumerate_specs
-from alpa_lite.tracing.tracer import _Builder, _walk
+from alpa_lite.result.plan import OpLayout
+from alpa_lite.tracing.tracer import trace_body
 from cost_model.builder import StrategyGraph, build_strategies
 from cost_model.memory import local_bytes
 from cost_model.registry import register_strategy
@@ -95,22 +96,38 @@ class BodyPlan:
     strategy: Strategy  # the scan op's (memory filled in by ``_as_strategy``)
 
 
-# Every body solution made, per (jaxpr, cluster): emission finds the one a layout came from.
-_PLANS: dict[tuple[Any, ClusterSpec], list[BodyPlan]] = {}
+# Every body solution made, per (jaxpr, cluster), one per (input specs, output specs): emission
+# finds the one a layout came from. Bounded: the ``_PLANS_SIZE`` bodies used last (the solvers'
+# caches below hold at most 64 + 2 × 64); a plan emitted after its body was dropped here solves
+# the body alone again (``body_plan_for``). ``clear_caches`` empties it and those caches.
+_PLANS: OrderedDict[tuple[Any, ClusterSpec], list[BodyPlan]] = OrderedDict()
+_PLANS_SIZE = 256
 
 
-@functools.lru_cache(maxsize=64)
-def trace_body(closed: Any) -> OpGraph:
-    """The body of a scan (a ``ClosedJaxpr``) as a flat ``OpGraph`` of one iteration."""
-    b = _Builder()
-    in_ids = []
-    for i, v in enumerate(closed.jaxpr.invars):
-        t = b.new_tensor(v.aval)
-        b.add_op("parameter", (), (t,), params={"index": i})
-        in_ids.append(t)
-    out_ids = _walk(b, closed.jaxpr, closed.consts, in_ids)
-    return OpGraph(tuple(b.tensors), tuple(b.ops), tuple(in_ids), tuple(out_ids), fixed=dict(b.fixed),
-                   num_layers=b.layer + 1)
+def _remember(key: tuple[Any, ClusterSpec], plans: Iterable[BodyPlan]) -> None:
+    found = _PLANS.setdefault(key, [])
+    have = {(p.strategy.in_specs, p.strategy.out_specs) for p in found}
+    for p in plans:
+        if (p.strategy.in_specs, p.strategy.out_specs) not in have:  # the first one is the one emitted
+            have.add((p.strategy.in_specs, p.strategy.out_specs))
+            found.append(p)
+    _PLANS.move_to_end(key)
+    while len(_PLANS) > _PLANS_SIZE:
+        _PLANS.popitem(last=False)
+
+
+def clear_caches() -> None:
+    """Forget every scan body traced and solved (the memory they hold, e.g. between models)."""
+    _PLANS.clear()
+    for cached in (trace_body, body_plans, joint_plans):
+        cached.cache_clear()
+
+
+def strategy_graph(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
+    """Every op's strategies (``cost_model.build_strategies``), each forward/backward pair of
+    scans also offered the halves of their joint solutions (``pair_scans``): what
+    ``problem.build_problem`` takes."""
+    return pair_scans(build_strategies(graph, cluster))
 
 
 # ---- one scan ---------------------------------------------------------------------------------
@@ -132,7 +149,7 @@ def _solve_candidates(graph: OpGraph, cluster: ClusterSpec, ties: dict[int, int]
                       key: ScanKey) -> list[tuple[IntraOpProblem, IlpSolution]]:
     """Solve ``graph`` unconstrained and with the largest carry of scan ``key`` (its inputs come
     first in ``graph``) fixed to each spec it can take."""
-    sgraph = build_strategies(graph, cluster)
+    sgraph = strategy_graph(graph, cluster)  # a scan nested in the body is paired too
     masks: list[dict[int, list[bool]] | None] = [None]
     carries = [graph.inputs[key.num_consts + i] for i in range(key.num_carry)]
     if carries:
@@ -152,7 +169,7 @@ def _solve_candidates(graph: OpGraph, cluster: ClusterSpec, ties: dict[int, int]
 
 def _register(key: ScanKey, cluster: ClusterSpec, plans: Any) -> tuple[BodyPlan, ...]:
     result = tuple(sorted(plans, key=lambda p: p.strategy.compute_s + p.strategy.comm_s))
-    _PLANS.setdefault((key.jaxpr, cluster), []).extend(result)
+    _remember((key.jaxpr, cluster), result)
     return result
 
 
@@ -178,9 +195,6 @@ def _part_plan(iop: IntraOpProblem, sol: IlpSolution, part: _Part, out_override:
     """The part's ``BodyPlan``: its ops' strategies, its outputs' specs (``out_override``: output
     position → spec, else its sink's or its tie's), and as costs its ops' plus the resharding of
     the edges ``charged`` accepts among those into its ops and outputs."""
-    from alpa_lite.emit.program import OpLayout
-    from alpa_lite.intra.planner import _dst_spec
-
     sg = iop.sgraph
     g, n_ops = sg.graph, len(sg.graph.ops)
     chosen = [sg.strategies[v][sol.choice[v]] for v in range(n_ops)]
@@ -202,7 +216,7 @@ def _part_plan(iop: IntraOpProblem, sol: IlpSolution, part: _Part, out_override:
         cost = float(e.cost[sol.choice[e.src], sol.choice[e.dst]])
         if cost <= 0 or not charged(ref):
             continue
-        dst = _dst_spec(iop, chosen, ref, sol)
+        dst = dst_spec(iop, chosen, ref, sol)
         comm += cost
         if (ref.tensor, dst) not in moved:
             moved.add((ref.tensor, dst))
@@ -263,8 +277,8 @@ def joint_plans(fwd: ScanKey, bwd: ScanKey, links: tuple[Link, ...], grads: tupl
         result.setdefault((f.strategy.in_specs, f.strategy.out_specs, b.strategy.in_specs,
                            b.strategy.out_specs), (f, b))
     pairs = tuple(result.values())
-    _PLANS.setdefault((fwd.jaxpr, cluster), []).extend(f for f, _ in pairs)
-    _PLANS.setdefault((bwd.jaxpr, cluster), []).extend(b for _, b in pairs)
+    _remember((fwd.jaxpr, cluster), (f for f, _ in pairs))
+    _remember((bwd.jaxpr, cluster), (b for _, b in pairs))
     return pairs
 
 
@@ -398,34 +412,8 @@ def body_plan_for(op: Op, outs: Sequence[ShardingSpec], ins: Sequence[ShardingSp
                   cluster: ClusterSpec) -> BodyPlan | None:
     """The body solution a scan op's chosen layout came from (None: not found)."""
     key = ScanKey.of(op)
-    body_plans(key, cluster)  # solved here when the plan was made elsewhere
-    for bp in _PLANS.get((key.jaxpr, cluster), ()):
+    plans = body_plans(key, cluster)  # solved here when the plan was made elsewhere
+    for bp in _PLANS.get((key.jaxpr, cluster), plans):
         if bp.strategy.in_specs == tuple(ins) and bp.strategy.out_specs == tuple(outs):
             return bp
     return None
-
-
-def emit_scan(op: Op, ins: Sequence[Any], outs: Sequence[ShardingSpec], in_specs: Sequence[ShardingSpec],
-              cluster: ClusterSpec, mesh: Any) -> list[Any]:
-    """Run the scan op with its body's sharding constraints applied in every iteration."""
-    from alpa_lite.emit.program import constrain_to, make_body
-
-    p = op.params
-    bp = body_plan_for(op, outs, in_specs, cluster)
-    if bp is None:
-        log.warning("no body solution matches the scan's layout; its body is left to XLA")
-        return list(op.primitive.bind(*ins, **op.primitive.get_bind_params(dict(p))))
-    body = make_body(bp.graph, bp.layouts, bp.output_specs, cluster, mesh)
-    n_c, n_carry = int(p["num_consts"]), int(p["num_carry"])
-    consts, init, xs = list(ins[:n_c]), list(ins[n_c:n_c + n_carry]), list(ins[n_c + n_carry:])
-
-    def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
-        # Pin the loop state and the slices to the solution's specs, so XLA keeps the carry in
-        # the spec the body was solved for (left free, it may pick another and reshard twice).
-        flat = [constrain_to(a, spec, mesh) for a, spec in zip([*consts, *carry, *x], bp.input_specs)]
-        res = body(*flat)
-        return list(res[:n_carry]), list(res[n_carry:])
-
-    carry, ys = jax.lax.scan(step, init, xs if xs else None, length=int(p["length"]),
-                             reverse=bool(p["reverse"]), unroll=p.get("unroll", 1))
-    return [*carry, *ys]

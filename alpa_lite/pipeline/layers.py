@@ -20,17 +20,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from alpa_lite.emit.program import OpLayout
-from alpa_lite.intra.planner import assemble_plan  # the one-stage plan assembly, reused
+from alpa_lite.intra.assemble import assemble_plan  # the one-stage plan assembly, reused
 from alpa_lite.intra.problem import IntraOpProblem, build_problem, edge_charges, output_node
+from alpa_lite.intra.scan import strategy_graph
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import Op, OpGraph
 from alpa_lite.ir.specs import ShardingSpec
 from alpa_lite.pipeline.collectives import LayerCollectives, layer_collectives
 from alpa_lite.pipeline.program import Layer
-from alpa_lite.result.plan import VIEW_AXES
+from alpa_lite.result.plan import VIEW_AXES, OpLayout
 from alpa_lite.tracing.tracer import trace
-from cost_model.builder import build_strategies
 from ilp import IlpOptions, IlpSolution, NoSolutionError, solve
 
 log = logging.getLogger("alpa_lite.pipeline")
@@ -156,7 +155,7 @@ def _cluster_key(cluster: ClusterSpec) -> str:
 def layer_problem(layer: Layer, lg: LayerGraph, cluster: ClusterSpec) -> IntraOpProblem:
     """The intra-op problem of G on ``cluster`` (a view's): no memory budget (the stage DP
     applies it to whole stages), each input's gradient tied to the input's spec."""
-    return build_problem(build_strategies(lg.graph, cluster), _ties(layer, lg), None)
+    return build_problem(strategy_graph(lg.graph, cluster), _ties(layer, lg), None)
 
 
 def _solve(layer: Layer, lg: LayerGraph, cluster: ClusterSpec, view: tuple[int, int],

@@ -36,7 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from alpa_lite.intra.planner import find_ties, out_example_of, plan_one_stage, resolve_mesh, state_and_batch
+from alpa_lite.intra.planner import plan_one_stage
+from alpa_lite.intra.roles import find_ties, out_example_of, resolve_mesh, state_and_batch
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import InfeasibleError, PlanningError
 from alpa_lite.ir.graph import OpGraph
@@ -54,6 +55,7 @@ from alpa_lite.pipeline.program import (
     trace_step,
 )
 from alpa_lite.result.plan import LayerPlan, PipelineInfo, Plan, PlanCost, SolverInfo, StageInfo
+from alpa_lite.tracing.tracer import trace
 from cost_model.resharding import reshard
 from dp_stages import logical_views as views_of
 from dp_stages import stage_dp, submesh_shapes
@@ -143,8 +145,6 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     models on a 2-D mesh that ILP dominates planning time. ``progress`` is called with each
     phase as it starts ("pipeline B=4: layer 2/3 on view (8, 1)", "one-stage candidate", ...).
     """
-    from alpa_lite.tracing.tracer import trace
-
     progress = progress or (lambda phase: None)
     _check_options(method, schedule, logical_views, num_stages)
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from alpa_lite.ir.errors import PlanningError
 from alpa_lite.ir.graph import TensorInfo
 from alpa_lite.ir.hlo_names import op_flops
 from alpa_lite.tracing.markers import mark_layer_p, value_and_grad_p
+from dp_stages import cluster_layers
 
 Var = Any  # jax.extend.core.Var
 
@@ -377,8 +378,6 @@ def layer_starts(loss: LossProgram, num_layers: int | None, default: int = 8) ->
         raise PlanningError("the loss has no equations to pipeline")
     if loss.marks and num_layers is None:
         return [0, *loss.marks]
-    from dp_stages import cluster_layers
-
     want = min(n, num_layers or default)
     return list(cluster_layers(loss.eqn_flops(), loss.cut_bytes(), want))
 

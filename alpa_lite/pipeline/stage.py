@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from alpa_lite.emit.program import OpLayout, make_body
+from alpa_lite.emit.program import make_body
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import OpGraph
 from alpa_lite.ir.specs import ShardingSpec
@@ -41,7 +41,7 @@ from alpa_lite.pipeline.accum import (
 )
 from alpa_lite.pipeline.layers import LayerGraph, parameter_op
 from alpa_lite.pipeline.program import Layer
-from alpa_lite.result.plan import VIEW_AXES, LayerPlan
+from alpa_lite.result.plan import VIEW_AXES, LayerPlan, OpLayout
 
 Var = Any
 

@@ -3,7 +3,7 @@
 It shows the mesh drawn as an SVG grid of devices coloured by pipeline stage (one stage colours
 every device), the predicted cost as bars (compute / communication / resharding, and memory
 against the device's capacity), every input and output with its sharding and per-device piece,
-the predicted collectives, and the solver's status. Rows come from ``alpa_lite.report.terminal``.
+the predicted collectives, and the solver's status. Rows come from ``alpa_lite.report.rows``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from html import escape
 from typing import Any
 
-from alpa_lite.report.terminal import (
+from alpa_lite.report.rows import (
     cluster_text,
     collective_totals,
     cost_rows,

@@ -1,9 +1,6 @@
-"""Human-readable views of a plan: a terminal report (rich), its plain-text form, and a comparison
-of methods and a check report for the CLI. The HTML view (Jupyter) is in ``report_html``.
-
-Every view reads the same rows (``tensor_rows``, ``cost_rows``), so the terminal, the text
-summary and the notebook never disagree. The cost keeps its split (compute / communication /
-resharding / memory) all the way to the reader, as style.md asks.
+"""The terminal views of a plan (rich): the plan report and its plain-text form
+(``plan.summary()``), a comparison of methods (``Comparison``, also as HTML in a notebook) and the
+check report, for the CLI. They read their rows from ``rows``, as the HTML view (``html``) does.
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from rich import box
@@ -19,157 +15,26 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from alpa_lite.ir.specs import ShardingSpec
-
-COST_PARTS = ("compute", "communication", "resharding")
-
-
-# ---- formatting -------------------------------------------------------------------------
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_s(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:.3f} s"
-    return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} µs"
-
-
-def _itemsize(dtype: str) -> int | None:
-    import numpy as np
-
-    try:
-        import ml_dtypes  # bfloat16, float8_*: numpy knows them only through ml_dtypes
-
-        return int(np.dtype(getattr(ml_dtypes, dtype, dtype)).itemsize)
-    except (TypeError, ValueError, ImportError):
-        return None
+from alpa_lite.report.html import comparison_html
+from alpa_lite.report.rows import (
+    TensorRow,
+    cluster_text,
+    collective_totals,
+    cost_rows,
+    fmt_bytes,
+    fmt_s,
+    memory_capacity,
+    mesh_kind,
+    mesh_text,
+    pipeline_of,
+    pipeline_text,
+    solver_text,
+    step_time,
+    tensor_rows,
+    timings_text,
+)
 
 
-def mesh_text(plan: Any) -> str:
-    """``x=2 × y=4``."""
-    return " × ".join(f"{n}={s}" for n, s in zip(plan.axis_names, plan.mesh_shape)) or "(no axes)"
-
-
-def mesh_kind(plan: Any) -> str:
-    """Whether the plan holds real devices, an abstract mesh, or came from a file."""
-    if plan.mesh is None:
-        return "no devices attached (loaded plan)"
-    try:
-        devices = plan.mesh.devices
-    except (AttributeError, ValueError):  # an AbstractMesh has none (its getter raises)
-        devices = None
-    if devices is None or not hasattr(devices, "flat"):
-        return "abstract mesh: planned without devices, nothing runs"
-    return f"{devices.size} {devices.flat[0].platform} devices"
-
-
-# ---- rows shared by every view ----------------------------------------------------------
-@dataclass(frozen=True)
-class TensorRow:
-    name: str
-    dtype: str | None  # None: unknown (outputs of a loaded plan)
-    shape: tuple[int, ...] | None
-    spec: ShardingSpec
-    local_shape: tuple[int, ...] | None
-    local_bytes: int | None
-
-    @property
-    def type_text(self) -> str:
-        return "?" if self.dtype is None or self.shape is None else f"{self.dtype}{list(self.shape)}"
-
-    @property
-    def local_text(self) -> str:
-        return "" if self.local_shape is None else str(list(self.local_shape))
-
-    @property
-    def pspec_text(self) -> str:
-        return str(self.spec.to_partition_spec()).replace("PartitionSpec", "P")
-
-
-def _paths(plan: Any, which: str, n: int, arg_names: Sequence[str] | None) -> list[str]:
-    """Tree paths of the flat inputs or outputs: ``params['layer0']['w']`` given ``arg_names``,
-    else ``args[0]['layer0']['w']``; outputs ``out[0]['layer0']['w']``."""
-    import jax
-
-    if plan.graph is None:
-        return [f"{'input' if which == 'in' else 'output'}[{i}]" for i in range(n)]
-    tree = jax.tree.unflatten(plan.graph.in_tree if which == "in" else plan.graph.out_tree, list(range(n)))
-    out = []
-    for path, _ in jax.tree_util.tree_leaves_with_path(tree):
-        text = jax.tree_util.keystr(path)
-        if which == "in" and arg_names and path and hasattr(path[0], "idx"):
-            i = _dynamic_to_positional(plan, path[0].idx)
-            if i < len(arg_names):
-                out.append(arg_names[i] + jax.tree_util.keystr(path[1:]))
-                continue
-        out.append(("out" if which == "out" else "args") + text)
-    return out
-
-
-def _dynamic_to_positional(plan: Any, k: int) -> int:
-    """The k-th dynamic argument's position among all arguments (static ones skipped)."""
-    dyn = [i for i in range(max(plan.num_args, k + 1 + len(plan.static_argnums)))
-           if i not in plan.static_argnums]
-    return dyn[k] if k < len(dyn) else k
-
-
-def tensor_rows(plan: Any, which: str = "in", arg_names: Sequence[str] | None = None) -> list[TensorRow]:
-    """One row per flat input (``"in"``) or output (``"out"``): name, type, spec, per-device piece."""
-    specs = plan.input_specs if which == "in" else plan.output_specs
-    if which == "in":
-        types: list[tuple[Any, Any]] = [(tuple(s), d) for s, d in plan.signature]
-    elif plan.graph is not None:
-        types = [(plan.graph.tensors[t].shape, plan.graph.tensors[t].dtype) for t in plan.graph.outputs]
-    else:
-        types = [(None, None)] * len(specs)
-    sizes = dict(zip(plan.axis_names, plan.mesh_shape))
-    rows = []
-    for name, (shape, dtype), spec in zip(_paths(plan, which, len(specs), arg_names), types, specs):
-        local = nbytes = None
-        if shape is not None and spec.rank == len(shape) and all(a in sizes for a in spec.axes_used()):
-            local = spec.local_shape(shape, sizes)
-            item = _itemsize(str(dtype))
-            nbytes = None if item is None else math.prod(local) * item
-        rows.append(TensorRow(name, None if dtype is None else str(dtype), shape, spec, local, nbytes))
-    return rows
-
-
-def cost_rows(plan: Any) -> list[tuple[str, float]]:
-    c = plan.cost
-    return [("compute", c.compute_s), ("communication", c.communication_s), ("resharding", c.resharding_s)]
-
-
-def memory_capacity(plan: Any) -> float | None:
-    """Bytes per device of the cluster the plan was made for (the default memory budget)."""
-    try:
-        return float(plan.cluster["device"]["memory"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def collective_totals(plan: Any) -> dict[str, tuple[int, float]]:
-    """``{kind: (count, wire bytes per device)}`` of the predicted collectives."""
-    out: dict[str, tuple[int, float]] = {}
-    for c in plan.collectives:
-        n, wb = out.get(c.kind, (0, 0.0))
-        out[c.kind] = (n + getattr(c, "runs", 1), wb + c.wire_bytes())  # a pipeline's: runs per step
-    return out
-
-
-def cluster_text(plan: Any) -> str:
-    cl = plan.cluster or {}
-    dev = cl.get("device", {}) or {}
-    parts = [str(cl.get("name", "?"))]
-    if dev.get("name"):
-        parts.append(f"({dev['name']}, {cl.get('devices_per_host', '?')} per host)")
-    return " ".join(parts)
-
-
-# ---- terminal (rich) ---------------------------------------------------------------------
 def _table(title: str, *columns: str, right: Sequence[str] = ()) -> Table:
     t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
               pad_edge=False, show_edge=False)
@@ -194,30 +59,6 @@ def _header(plan: Any) -> Text:
     if pipeline_of(plan) is not None:
         t.append("\n" + pipeline_text(plan))
     return t
-
-
-def pipeline_of(plan: Any) -> Any:
-    """The plan's ``PipelineInfo`` when it has several stages, else None."""
-    return getattr(plan, "pipeline", None)
-
-
-def step_time(plan: Any) -> float:
-    """Predicted seconds per training step: the pipeline's T when pipelined."""
-    p = pipeline_of(plan)
-    return float(p.step_s) if p is not None else plan.cost.total_s
-
-
-def pipeline_text(plan: Any) -> str:
-    """``T = Σ t_i + (B − 1)·max t_i + max u_i`` with the plan's numbers (design.md, stage DP)."""
-    p = pipeline_of(plan)
-    t = [getattr(s, "t_s", 0.0) for s in plan.stages]
-    u = max((getattr(s, "u_s", 0.0) for s in plan.stages), default=0.0)
-    text = (f"pipeline: {len(plan.stages)} stages, B = {p.num_microbatches} microbatches, {p.schedule} schedule, "
-            f"bubble {p.bubble_fraction:.1%}\n  T = Σ t_i + (B − 1)·max t_i + max u_i = {fmt_s(sum(t))} + "
-            f"{p.num_microbatches - 1}·{fmt_s(max(t, default=0.0))} + {fmt_s(u)} = {fmt_s(p.step_s)}")
-    if getattr(p, "one_stage_s", None):
-        text += f"; the best one-stage plan: {fmt_s(p.one_stage_s)} ({p.one_stage_s / p.step_s:.2f}×)"
-    return text
 
 
 def _cost_table(plan: Any) -> Table:
@@ -310,24 +151,6 @@ def _collectives_table(plan: Any, max_rows: int) -> RenderableType:
     return Group(t, Text(f"  by kind: {by_kind}"))
 
 
-def solver_text(plan: Any) -> str:
-    s = plan.solver
-    text = (f"{s.status} · objective {fmt_s(s.objective)} · bound {fmt_s(s.bound)} · gap {s.gap:.2%} · "
-            f"{s.variables} variables, {s.constraints} constraints · {s.wall_s:.2f} s")
-    if s.nodes:  # the model's size on the way (older plan files and pipelines do not say)
-        tied = f" → {s.tied_classes:,} tied classes" if s.tied_classes else ""
-        solves = f" · {s.solves} solves (memory budget)" if s.solves > 1 else ""
-        text += f" · {s.nodes:,} nodes → {s.leaders:,} after merging{tied}{solves}"
-    return text + (f" ({s.note})" if s.note else "")
-
-
-def timings_text(plan: Any) -> str:
-    t = dict(plan.timings)
-    total = t.pop("total_s", None)
-    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in t.items())
-    return (f"{total:.2f} s ({parts})" if total is not None else parts) or "not recorded"
-
-
 def plan_renderable(plan: Any, *, arg_names: Sequence[str] | None = None, max_rows: int = 20) -> Group:
     """The terminal report: header, cost, inputs, outputs, stages, collectives, solver, time."""
     inputs = tensor_rows(plan, "in", arg_names)
@@ -354,14 +177,9 @@ def plan_summary(plan: Any, arg_names: Sequence[str] | None = None) -> str:
     return to_text(plan_renderable(plan, arg_names=arg_names, max_rows=20))
 
 
-def plan_html(plan: Any) -> str:
-    """``plan._repr_html_()``: see ``alpa_lite.report.html``."""
-    from alpa_lite.report.html import plan_html as _plan_html
-
-    return _plan_html(plan)
-
-
 # ---- methods side by side -----------------------------------------------------------------
+
+
 class Comparison:
     """Plans of one program by several methods, side by side (``alpa-lite compare``, notebooks).
 
@@ -419,12 +237,12 @@ class Comparison:
     __repr__ = __str__  # the table, also as a notebook's plain-text output
 
     def _repr_html_(self) -> str:
-        from alpa_lite.report.html import comparison_html
-
         return comparison_html(self)
 
 
 # ---- predicted vs compiled ------------------------------------------------------------------
+
+
 def check_renderable(report: Any, plan: Any) -> Group:
     """``alpa-lite check``: predicted beside compiled collectives, memory and FLOPs per device."""
     flagged_kinds = {r.kind for r in report.rows if r.relative_error > report.tolerance}

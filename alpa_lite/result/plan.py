@@ -16,12 +16,22 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from alpa_lite.emit.program import OpLayout
 from alpa_lite.ir.errors import PlanFileError, PlanningError, SignatureError
 from alpa_lite.ir.specs import ShardingSpec
+from cost_model.strategy import Collective
 
 PLAN_VERSION = 1
 VIEW_AXES = ("dp", "tp")  # a pipeline stage's logical view of its sub-mesh: (data, tensor) parallel
+
+
+@dataclass(frozen=True)
+class OpLayout:
+    """What the plan decided for one op: its outputs' specs, the specs its operands arrive in,
+    and whether it is left to XLA (no rule)."""
+
+    outs: tuple[ShardingSpec, ...]
+    ins: tuple[ShardingSpec, ...]
+    free: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,6 @@ class PredictedCollective:
     runs: int = 1
 
     def wire_bytes(self) -> float:
-        from cost_model.strategy import Collective
-
         if self.kind == "send":
             return self.runs * self.nbytes / max(self.group_size, 1)
         return self.runs * Collective(self.kind, self.axes, self.nbytes, self.group_size).wire_bytes()
@@ -281,7 +289,7 @@ class Plan:
                 f"predicted {self.cost.total_s * 1e3:.3f} ms, solver {self.solver.status}>")
 
     def _repr_html_(self) -> str:
-        from alpa_lite.report.terminal import plan_html
+        from alpa_lite.report.html import plan_html
 
         return plan_html(self)
 

@@ -10,6 +10,7 @@ shardings are recorded as fixed specs (hard constraints for the planner).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -251,3 +252,17 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
                 out_tree, dict(b.fixed), num_layers=b.layer + 1)
     log.info("traced %s", g.summary())
     return g
+
+
+@functools.lru_cache(maxsize=64)
+def trace_body(closed: Any) -> OpGraph:
+    """The body of a scan (a ``ClosedJaxpr``) as a flat ``OpGraph`` of one iteration."""
+    b = _Builder()
+    in_ids = []
+    for i, v in enumerate(closed.jaxpr.invars):
+        t = b.new_tensor(v.aval)
+        b.add_op("parameter", (), (t,), params={"index": i})
+        in_ids.append(t)
+    out_ids = _walk(b, closed.jaxpr, closed.consts, in_ids)
+    return OpGraph(tuple(b.tensors), tuple(b.ops), tuple(in_ids), tuple(out_ids), fixed=dict(b.fixed),
+                   num_layers=b.layer + 1)

@@ -17,6 +17,7 @@ from jax import lax
 
 from alpa_lite.ir.graph import TensorInfo
 from alpa_lite.ir.specs import ShardingSpec
+from cost_model.collectives import all_reduce
 from cost_model.context import RuleContext
 from cost_model.registry import register_strategy
 from cost_model.strategy import Strategy
@@ -47,8 +48,6 @@ def _transpose(ctx: RuleContext, x: TensorInfo, *, permutation: Sequence[int],
 
 def _reduce_strategies(ctx: RuleContext, x: TensorInfo, axes: Sequence[int],
                        partial_ok: bool, extra_ins: Sequence[TensorInfo] = ()) -> list[Strategy]:
-    from cost_model.collectives import all_reduce
-
     result = []
     kept = [d for d in range(x.rank) if d not in axes]
     for s in ctx.specs(x.shape):

@@ -15,8 +15,8 @@ import pytest
 import alpa_lite as al
 from alpa_lite.intra import problem as intra_op
 from alpa_lite.intra.fit import solve_within_budget
-from alpa_lite.intra.planner import find_ties
 from alpa_lite.intra.problem import build_problem, memory_profile, peak_memory
+from alpa_lite.intra.roles import find_ties
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import InfeasibleError
 from alpa_lite.tracing.tracer import trace

@@ -18,7 +18,7 @@ import pytest
 
 import alpa_lite as al
 from alpa_lite.report.html import COST_COLOURS, STAGE_COLOURS
-from alpa_lite.report.terminal import tensor_rows
+from alpa_lite.report.rows import tensor_rows
 from alpa_lite.result.plan import StageInfo
 from examples.mlp import make_example
 from tests.helpers import make_mesh

@@ -15,7 +15,8 @@ from rich.console import Console
 import alpa_lite as al
 from alpa_lite.report.html import COST_COLOURS, STAGE_COLOURS, mesh_svg
 from alpa_lite.report.progress import PlanProgress
-from alpa_lite.report.terminal import Comparison, check_renderable, plan_summary, tensor_rows, to_text
+from alpa_lite.report.rows import tensor_rows
+from alpa_lite.report.terminal import Comparison, check_renderable, plan_summary, to_text
 from alpa_lite.result.plan import StageInfo
 from examples.mlp import make_example
 from tests.helpers import make_mesh

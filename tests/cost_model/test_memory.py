@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import alpa_lite as al
-from alpa_lite.intra.planner import find_ties
 from alpa_lite.intra.problem import _kept, build_problem, peak_memory, update_tail
+from alpa_lite.intra.roles import find_ties
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import TensorInfo
 from alpa_lite.ir.specs import ShardingSpec

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alpa_lite.intra.planner import find_ties
 from alpa_lite.intra.problem import build_problem
+from alpa_lite.intra.roles import find_ties
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.tracing.tracer import trace
 from cost_model.builder import build_strategies

@@ -24,14 +24,14 @@ def _ilp_variables(fn, args, mesh) -> int:
     """Variables of the intra-op ILP as design.md states it: one s_v[i] per strategy, one
     e_vu[i, j] per allowed strategy pair of an edge (before the solver's presolve, which prunes
     by cost values and so keeps a different number for different trip counts)."""
-    from alpa_lite.intra.planner import find_ties, resolve_mesh
+    from alpa_lite.intra.roles import find_ties, resolve_mesh
+    from alpa_lite.intra.scan import strategy_graph
     from alpa_lite.tracing.tracer import trace
-    from cost_model.builder import build_strategies
 
     _, cluster = resolve_mesh(mesh, None)
     graph = trace(fn, *args)
     ties, _ = find_ties(graph, args, (), jax.eval_shape(fn, *args))
-    pb = build_problem(build_strategies(graph, cluster), ties, None).problem
+    pb = build_problem(strategy_graph(graph, cluster), ties, None).problem
     return sum(c.size for c in pb.node_costs) + sum(int(np.isfinite(e.cost).sum()) for e in pb.edges)
 
 
