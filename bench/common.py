@@ -1,19 +1,23 @@
-"""Shared pieces of the benchmark scripts: 8 CPU devices, model configs, table printing."""
+"""Shared pieces of the benchmark scripts: 8 CPU devices (``use_cpu_devices``), model configs, table printing."""
 
 from __future__ import annotations
 
+import datetime
+import importlib
+import json
 import os
+import platform
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
 
-import datetime  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
 
-import jax  # noqa: E402
+def use_cpu_devices(count: int = 8) -> None:
+    """Ask XLA for ``count`` CPU devices (unless XLA_FLAGS says otherwise): a script's first step,
+    before jax starts its backend."""
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={count}")
+
 
 MESHES = {"8": (8,), "2x4": (2, 4), "4x2": (4, 2)}
 

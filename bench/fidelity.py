@@ -14,21 +14,19 @@ warm-up step, each step on its own copy of the arguments (steps donate their sta
 
 from __future__ import annotations
 
-# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
 import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import bench.common as common
-
 import jax
 import numpy as np
 
 import alpa_lite as al
-from alpa_lite.measure.calibrate import CalibrationOptions, calibrate
+import bench.common as common
 from alpa_lite.ir.cluster import ClusterSpec
+from alpa_lite.measure.calibrate import CalibrationOptions, calibrate
 from alpa_lite.measure.hlo_stats import stats_of
 
 
@@ -141,6 +139,7 @@ def run(smallest: bool = False, only: list[str] | None = None, cluster_file: str
 
 
 if __name__ == "__main__":
+    common.use_cpu_devices()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smallest", action="store_true", help="one small config (the smoke test)")
     ap.add_argument("--models", nargs="+", help="only these (mlp-dp mlp-tp bert gpt moe wide_resnet)")

@@ -14,8 +14,7 @@ is unexplained. About 0.4 s a program on 2 CPU cores.
 
 from __future__ import annotations
 
-# ruff: noqa: I001, E402  (the repository root goes on sys.path, then bench.common sets XLA_FLAGS,
-# before jax is imported)
+# ruff: noqa: I001, E402  (the repository root goes on sys.path before the project is imported)
 import argparse
 import logging
 import pathlib
@@ -25,7 +24,7 @@ import traceback
 from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also as a plain script
-import bench.common  # noqa: F401
+import bench.common
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from tests.fuzz.harness import run_case
@@ -90,4 +89,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    bench.common.use_cpu_devices()
     sys.exit(main())

@@ -60,20 +60,18 @@ figure includes.
 
 from __future__ import annotations
 
-# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
 import argparse
 import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import bench.common as common
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import alpa_lite as al
+import bench.common as common
 from cost_model.collectives import all_gather, all_reduce, collective_permute, collective_time
 
 SEQ, VOCAB = 2048, 51200  # the paper's sequence length and vocabulary (Table 1 caption)
@@ -338,6 +336,7 @@ def run(smallest: bool = False) -> dict:
 
 
 if __name__ == "__main__":
+    common.use_cpu_devices()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smallest", action="store_true", help="the 1.7B and 3.6B rows only (the smoke test)")
     ap.add_argument("--json", help="write the results here")

@@ -7,15 +7,13 @@ time of each plan on the DGX-H100 preset (the same program, costed for H100s).
 
 from __future__ import annotations
 
-# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
-
 import argparse
 import math
 
-import bench.common as common  # sets XLA_FLAGS first
-
 import alpa_lite as al
+import bench.common as common
 from alpa_lite.measure.hlo_stats import stats_of
+
 
 def run(smallest: bool = False, only: list[str] | None = None) -> dict:
     rows, records = [], []
@@ -42,6 +40,7 @@ def run(smallest: bool = False, only: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    common.use_cpu_devices()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smallest", action="store_true", help="one small config (the smoke test)")
     ap.add_argument("--models", nargs="+", help="only these (mlp-dp mlp-tp bert gpt moe wide_resnet)")

@@ -16,16 +16,15 @@ last solve), "solves" (the memory budget can take more than one, ``alpa_lite.int
 
 from __future__ import annotations
 
-# ruff: noqa: I001  (bench.common sets XLA_FLAGS before jax is imported)
 import argparse
 import math
 import time
 
-import bench.common as common
 import jax
 import jax.numpy as jnp
 
 import alpa_lite as al
+import bench.common as common
 from alpa_lite.ir.errors import InfeasibleError
 from examples.gpt import GPTConfig, abstract_example, real_target
 
@@ -155,6 +154,7 @@ def _stages_text(stages: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    common.use_cpu_devices()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48, 96])
     ap.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256])

@@ -12,19 +12,16 @@ identity compute.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import alpa_lite as al  # noqa: E402
+import alpa_lite as al
 
 
 @dataclass(frozen=True)
@@ -142,6 +139,7 @@ def real_target() -> tuple[Callable[..., Any], tuple[Any, ...]]:
 
 
 def main() -> None:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax starts
     fn, args = target()
     cluster = al.ClusterSpec.preset("cpu", num_hosts=2, devices_per_host=4)
     mesh = jax.make_mesh((2, 4), ("host", "device"))

@@ -7,16 +7,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 
 def init_params(key: jax.Array, sizes: list[int]) -> dict[str, Any]:
@@ -71,6 +68,7 @@ def real_target() -> tuple[Callable[..., Any], tuple[Any, ...]]:
 
 
 def main() -> None:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax starts
     import alpa_lite as al
 
     fn, args = target()

@@ -12,17 +12,14 @@ unrolled in a Python loop over the same params (``scan=False``): both compute th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 
 @dataclass(frozen=True)
@@ -127,6 +124,7 @@ def real_target() -> tuple[Callable[..., Any], tuple[Any, ...]]:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax starts
     import alpa_lite as al
 
     fn, args = target()
