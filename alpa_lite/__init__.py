@@ -1,8 +1,9 @@
 """alpa-lite: an auto-parallelism planning compiler for JAX.
 
-The IR modules (specs, cluster, graph, errors) import eagerly; the front end (``plan``,
+The IR (``alpa_lite.ir``: specs, cluster, errors) imports eagerly; the front end (``plan``,
 ``parallelize``, ...) loads on first attribute access (PEP 562), so ``cost_model``, ``ilp`` and
-``dp_stages`` can import the IR without pulling in the front end.
+``dp_stages`` can import the IR without pulling in the front end. The README's "Layout" section
+lists the subpackages and the order in which they import each other.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
             comm += cost
         else:
             resh += cost
-    peak = peak_memory(iop, sol.choice)  # every resharded copy charged exactly (intra_op)
+    peak = peak_memory(iop, sol.choice)  # every resharded copy charged exactly (problem)
     cost = PlanCost(float(compute), float(comm), float(resh), peak)
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
                         sol.num_variables, sol.num_constraints, note, nodes=iop.problem.num_nodes,

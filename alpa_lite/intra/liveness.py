@@ -4,9 +4,9 @@ A program point is an op that computes something (not a parameter or a constant)
 0..P-1 in program order. Every item alive over a run of points is an interval [a, b) of them:
 
 - an ILP node (an op's output XLA materialises, a copy's or held buffer's node): alive from its
-  op to the last op that needs it (``intra_op._kept``);
-- a resharded copy (``intra_op.OperandCopy``) over its ``points``, its transient at the first;
-- a held buffer (``intra_op.Held``) over its ``points``.
+  op to the last op that needs it (``problem._kept``);
+- a resharded copy (``problem.OperandCopy``) over its ``points``, its transient at the first;
+- a held buffer (``problem.Held``) over its ``points``.
 
 The memory at point p of a choice is Σ over the items alive at p, with the largest transient
 made there; the profile of all points is two prefix sums (O(items + P)), where listing the live

@@ -14,7 +14,7 @@ seen from outside:
 - memory: the scan's results (stacked outputs live in full) in their specs; and while the loop
   runs, the body's temporaries (``Strategy.scratch_bytes``): the peak of one iteration's
   solution without the body's inputs (the loop state, counted outside as the scan's operands
-  and results), resharded copies inside the body included (``intra_op.peak_memory``).
+  and results), resharded copies inside the body included (``problem.peak_memory``).
 
 Candidates (``body_plans``): the body solved with its largest carry fixed to each spec it can
 take (the layout that flows from layer to layer), plus the unconstrained optimum.

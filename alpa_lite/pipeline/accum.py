@@ -65,7 +65,7 @@ def stacked_spec(axes: Sequence[str], spec: ShardingSpec) -> ShardingSpec:
 
 def find_deferrals(diff_in: Sequence[bool], lg: Any, layouts: Sequence[Any],
                    out_specs: Sequence[ShardingSpec], sizes: Mapping[str, int]) -> dict[int, Deferral]:
-    """Deferred weight gradients of one layer's G (``pipeline_layers.LayerGraph``; ``diff_in``:
+    """Deferred weight gradients of one layer's G (``layers.LayerGraph``; ``diff_in``:
     the layer's differentiable inputs) under its plan (``layouts`` per op of G, ``out_specs``
     per G output), by G output position."""
     g = lg.graph

@@ -1,7 +1,7 @@
 """The collectives a pipeline plan predicts, stage by stage, in the programs that run them.
 
 A stage runs a forward and a backward program per microbatch (B times a step), a gradient sync
-once per step (``pipeline_accum``: the deferred gradients' all-reduces) and its optimizer update
+once per step (``accum``: the deferred gradients' all-reduces) and its optimizer update
 once per step; activations and their gradients move between stages with ``jax.device_put``.
 
 Per layer (``layer_collectives``), the intra-op plan's collectives (each op's own, and each
@@ -16,7 +16,7 @@ cotangent spec, backward), a value from outside the stage read in several specs 
 its first reader's), a cotangent arriving from a later stage in its activation's spec and
 constrained to the cotangent spec, and the transfers to the neighbours (kind ``send``: the
 logical bytes of each tensor, a share of 1/n per device of the sending stage, as the stage DP
-charges them). Every rule follows what ``pipeline_stage`` emits.
+charges them). Every rule follows what ``stage`` emits.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def layer_collectives(layer: Layer, lg: Any, layouts: Sequence[Any], out_specs: 
     """Split a layer plan's collectives (``assemble_plan``'s, ``where`` naming the ops) into
     forward, backward and once-per-step sync; ``cluster`` is the view's. ``charged_s(d)``: what
     the layer's ILP charged on the edge out of deferral d's producer (its objective prices a
-    reduction read by the update without its α, ``intra_op.update_tail``: the credit for
+    reduction read by the update without its α, ``intra.problem.update_tail``: the credit for
     deferring it must be that charge, not the collective's full price)."""
     g = lg.graph
     deferred = find_deferrals(layer.diff_in, lg, layouts, out_specs, sizes)
@@ -144,7 +144,7 @@ def _grad_weight(layer: Layer, lg: Any, pos: int) -> Any:
 
 
 def _stacked(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequence[Any], mine: range) -> set[Any]:
-    """The stage's weights whose accumulator stays unreduced (as ``pipeline_stage`` decides)."""
+    """The stage's weights whose accumulator stays unreduced (as ``stage`` decides)."""
     contributions = []
     for li in mine:
         layer, lg = layers[li], graphs[li]

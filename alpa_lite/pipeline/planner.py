@@ -1,9 +1,9 @@
 """``plan_pipeline``: Alpa's inter-op pass, a training step cut into stages on sub-meshes.
 
-1. Split the step around its ``al.value_and_grad`` (``pipeline_program``) for B microbatches and
+1. Split the step around its ``al.value_and_grad`` (``program``) for B microbatches and
    cut the loss into L layers (``al.mark_layer`` boundaries, else FLOPs-balanced clustering).
 2. Solve every distinct layer's forward+backward with the intra-op ILP once per logical view
-   (dp, tp) of every candidate sub-mesh shape (``pipeline_layers``).
+   (dp, tp) of every candidate sub-mesh shape (``layers``).
 3. Compose stage costs (t_i per microbatch, u_i per step, memory with in-flight activations) in
    ``dp_stages.stage_costs`` and run the stage DP (``stage_dp``; ``stage_dp_count`` when
    ``num_stages`` is given): T = Σ t_i + (B − 1)·max t_i + max u_i.
@@ -13,11 +13,11 @@
 
 What the runtime does shapes what is charged: a weight gradient the layer plan makes as a
 partial sum (data-parallel weights) is accumulated unreduced and reduced once per step
-(``pipeline_accum``), so that all-reduce is in u_i, not t_i; any other gradient reduction stays
+(``accum``), so that all-reduce is in u_i, not t_i; any other gradient reduction stays
 in t_i. u_i is that gradient sync plus the optimizer update on the stage's weights (and their
 state). The layer ILP itself still charges every reduction per microbatch (it knows no B), so it
 may under-use data parallelism a little. The plan lists its predicted collectives per stage and
-program (``pipeline_collectives``), which ``plan.check`` compares with the compiled stages.
+program (``collectives``), which ``plan.check`` compares with the compiled stages.
 Activations crossing a stage boundary are charged to t_i at the cross-host link when the
 cluster has several hosts (the DP does not know whether neighbours share a host).
 """
@@ -475,7 +475,7 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
         for v, view in enumerate(views):
             s = sols[(sig, view)]
             # accumulating a microbatch's gradients reads two buffers and writes one; the
-            # reductions of deferred gradients run once per step (pipeline_accum), in u
+            # reductions of deferred gradients run once per step (accum), in u
             arr["t"][li, v] = s.microbatch_s + 3 * s.weight_bytes * diff_w / hbm
             arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm + s.collectives.sync_s
             arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
@@ -526,7 +526,7 @@ def _shared_weight_costs(layers: list[Layer], sigs: list[str], graphs: dict[str,
     and b, both reading one weight (a tied embedding), run in one stage.
 
     A stage keeps a weight's gradient accumulator unreduced only when every contribution in it
-    is deferred over the same axes (``pipeline_accum.stacked_accumulators``); otherwise each
+    is deferred over the same axes (``accum.stacked_accumulators``); otherwise each
     deferred contribution is reduced per microbatch, at the price its layer's ILP charged for it,
     which the layer's ``microbatch_s`` left out. Charged per pair: exact for a weight read by two
     layers, an upper bound for one read by more (a contribution counts once per other reader)."""

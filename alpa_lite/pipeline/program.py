@@ -124,7 +124,7 @@ def _aval(x: Any) -> jax.ShapeDtypeStruct:
 
 def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> bool:
     """Whether the step calls ``al.value_and_grad`` (at its top level, jits inlined). False when
-    it cannot be traced as given: planning one stage then reports why (``tracer.trace``)."""
+    it cannot be traced as given: planning one stage then reports why (``tracing.tracer.trace``)."""
     flat_fn, leaves, _ = flat_function(fn, args, static)
     if not all(hasattr(x, "dtype") or isinstance(x, (bool, int, float, complex)) for x in leaves):
         return False

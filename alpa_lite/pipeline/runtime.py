@@ -15,9 +15,9 @@
    1/B, so the accumulated gradients are those of that mean); an aux output with the
    microbatch as its leading dimension is concatenated, any other is averaged;
    a gradient the plan makes as a partial sum is accumulated unreduced on each device and
-   reduced once per step before the update (``pipeline_accum``);
+   reduced once per step before the update (``accum``);
 5. the rest of the step (the optimizer update) runs once with the accumulated gradients, on
-   each stage's own weights and optimizer state on its sub-mesh (``pipeline_update``); an
+   each stage's own weights and optimizer state on its sub-mesh (``update``); an
    update that mixes stages (gradient-norm clipping) runs as one program on the whole mesh.
 
 Microbatching equals the full-batch step when the loss is a mean over examples. It differs for

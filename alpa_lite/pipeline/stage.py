@@ -1,7 +1,7 @@
 """One pipeline stage as jitted programs on its own sub-mesh: forward, backward, gradient sync.
 
 A stage runs layers i..j. Its forward replays, layer after layer, the forward half of each
-layer's planned forward+backward graph (``emit.make_body`` with the layer's layouts) and returns
+layer's planned forward+backward graph (``emit.program.make_body`` with the layer's layouts) and returns
 the activations later stages read plus the residuals its backward needs; its backward replays
 the backward halves in reverse, adds the weights' gradients to the accumulators (donated) and
 returns the gradients of the activations it was given. Between layers of one stage a value is
@@ -12,7 +12,7 @@ its microbatch data (loss inputs that are split) and activations from earlier st
 backward reads the weights again rather than holding them per microbatch.
 
 A weight gradient the layer plan makes as a partial sum comes out of the backward as a stacked
-partial (``pipeline_accum``) and its accumulator stays unreduced; ``reduce`` sums the stacked
+partial (``accum``) and its accumulator stays unreduced; ``reduce`` sums the stacked
 accumulators once per step (the gradient sync).
 """
 
@@ -94,7 +94,7 @@ def _residual_spec(lg: LayerGraph, plan: LayerPlan, t: int) -> ShardingSpec | No
 def _bwd_body(lg: LayerGraph, plan: LayerPlan, res: list[int], res_specs: list[ShardingSpec | None],
               cluster: ClusterSpec, mesh: Any, deferred: dict[int, Deferral]) -> Any:
     """The backward half, reading residuals then cotangents as its flat inputs, returning the
-    gradients (a deferred one as its stacked partial, ``pipeline_accum``)."""
+    gradients (a deferred one as its stacked partial, ``accum``)."""
     g = lg.graph
     skip = {v for d in deferred.values() for v in (d.producer, *d.chain)}
     ops, lays = [], []
@@ -222,7 +222,7 @@ def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[V
 
 
 def _stacked_accums(halves: list[LayerHalves], accums: list[Var]) -> dict[Var, tuple[str, ...]]:
-    """Accumulators kept as stacked partials (``pipeline_accum.stacked_accumulators``)."""
+    """Accumulators kept as stacked partials (``accum.stacked_accumulators``)."""
     contributions = []
     for h in halves:
         din = [k for k, d in enumerate(h.layer.diff_in) if d]

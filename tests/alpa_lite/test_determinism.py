@@ -118,7 +118,7 @@ def test_same_plan_json_across_processes():
 # ---- loading never executes code ------------------------------------------------------------
 
 def test_plan_result_uses_json_only():
-    """``Plan.from_json`` parses with ``json``; nothing in plan_result.py can run code from a
+    """``Plan.from_json`` parses with ``json``; nothing in result/plan.py can run code from a
     file: no eval/exec/compile, pickle, marshal, shelve, yaml, dynamic import or getattr by name."""
     path = ROOT / "alpa_lite" / "result" / "plan.py"
     tree = ast.parse(path.read_text())
