@@ -140,6 +140,16 @@ def test_every_subpackage_says_what_it_holds_and_may_import():
             assert "May import" in doc, f"{m}'s docstring does not say what it may import"
 
 
+def test_no_subpackage_shadows_a_public_name():
+    """``alpa_lite.X`` for a subpackage X becomes the module once it is imported, hiding the
+    lazily loaded ``al.X`` (why the tracer's folder is ``tracing``, not ``trace``)."""
+    init = TREES["alpa_lite"]
+    lazy = next(n.value for n in init.body if isinstance(n, ast.Assign) and n.targets[0].id == "_LAZY")
+    public = {k.value for k in lazy.keys}
+    children = {m.split(".")[1] for m in MODULES if m.startswith("alpa_lite.")}
+    assert not public & children
+
+
 def test_the_cycle_check_sees_a_function_level_cycle():
     a = ast.parse("def f():\n    from alpa_lite.api import plan\n")
     assert [t for t, _, _ in _imports("alpa_lite.ir.graph", a)] == ["alpa_lite.api"]
