@@ -3,7 +3,7 @@
 It shows the mesh drawn as an SVG grid of devices coloured by pipeline stage (one stage colours
 every device), the predicted cost as bars (compute / communication / resharding, and memory
 against the device's capacity), every input and output with its sharding and per-device piece,
-the predicted collectives, and the solver's status. Rows come from ``alpa_lite.report.rows``.
+the predicted collectives, and the solver's status. Rows come from ``alpa_lite.report.rows`` (imported as ``shared``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ import math
 from html import escape
 from typing import Any
 
-from alpa_lite.report.rows import (
-    cluster_text,
-    collective_totals,
-    cost_rows,
-    fmt_bytes,
-    fmt_s,
-    memory_capacity,
-    mesh_kind,
-    mesh_text,
-    pipeline_of,
-    pipeline_text,
-    solver_text,
-    step_time,
-    tensor_rows,
-    timings_text,
-)
+from alpa_lite.report import rows as shared  # the rows every view reads
 
 # Tableau 10: ten colours told apart easily, also in print. Stage i takes colour i mod 10.
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1",
@@ -59,24 +44,24 @@ _CSS = """
 
 def plan_html(plan: Any) -> str:
     c = plan.cost
-    head = (f"<h3>alpa-lite plan · {escape(plan.method)} · mesh {escape(mesh_text(plan))}</h3>"
-            f"<p class='sub'>{math.prod(plan.mesh_shape)} devices · cluster {escape(cluster_text(plan))} · "
-            f"{escape(mesh_kind(plan))}</p>"
-            f"<p class='sub'><b>predicted step {fmt_s(step_time(plan))}</b> · peak memory "
-            f"{fmt_bytes(c.peak_memory_bytes)} per device · solver {escape(plan.solver.status)}, "
+    head = (f"<h3>alpa-lite plan · {escape(plan.method)} · mesh {escape(shared.mesh_text(plan))}</h3>"
+            f"<p class='sub'>{math.prod(plan.mesh_shape)} devices · cluster {escape(shared.cluster_text(plan))} · "
+            f"{escape(shared.mesh_kind(plan))}</p>"
+            f"<p class='sub'><b>predicted step {shared.fmt_s(shared.step_time(plan))}</b> · peak memory "
+            f"{shared.fmt_bytes(c.peak_memory_bytes)} per device · solver {escape(plan.solver.status)}, "
             f"gap {plan.solver.gap:.2%}</p>")
-    if pipeline_of(plan) is not None:
-        head += f"<p class='sub'>{escape(pipeline_text(plan)).replace(chr(10), '<br>')}</p>"
+    if shared.pipeline_of(plan) is not None:
+        head += f"<p class='sub'>{escape(shared.pipeline_text(plan)).replace(chr(10), '<br>')}</p>"
     top = (f"<div class='row'><div style='max-width:560px'><h4>Mesh and stages</h4>{mesh_svg(plan)}"
            f"{_stage_legend(plan)}</div>"
            f"<div><h4>Predicted cost per step</h4>{cost_svg(plan)}</div></div>")
-    inputs, outputs = tensor_rows(plan, "in"), tensor_rows(plan, "out")
+    inputs, outputs = shared.tensor_rows(plan, "in"), shared.tensor_rows(plan, "out")
     body = (f"<h4>Inputs ({len(inputs)})</h4>{_tensor_table(inputs, 'alpa-lite-inputs', 'in')}"
             f"<details><summary><b>Outputs ({len(outputs)})</b></summary>"
             f"{_tensor_table(outputs, 'alpa-lite-outputs', 'out')}</details>"
             f"{_collectives_table(plan)}"
-            f"<p class='sub'><b>Solver</b> {escape(solver_text(plan))}<br>"
-            f"<b>Planning time</b> {escape(timings_text(plan))}</p>")
+            f"<p class='sub'><b>Solver</b> {escape(shared.solver_text(plan))}<br>"
+            f"<b>Planning time</b> {escape(shared.timings_text(plan))}</p>")
     warnings = "".join(f"<p class='warn'>warning: {escape(w)}</p>" for w in plan.warnings)
     return f"<div class='alpa-lite-plan'><style>{_CSS}</style>{head}{top}{body}{warnings}</div>"
 
@@ -104,7 +89,7 @@ def mesh_svg(plan: Any) -> str:
     names = plan.axis_names or ("d",)
     parts = [f"<svg class='alpa-lite-mesh' xmlns='http://www.w3.org/2000/svg' width='{width}' "
              f"height='{height}' viewBox='0 0 {width} {height}' role='img' "
-             f"aria-label='mesh {escape(mesh_text(plan))}'>",
+             f"aria-label='mesh {escape(shared.mesh_text(plan))}'>",
              f"<text x='{left}' y='14' font-size='12' fill='#444'>{escape(names[-1])} ({cols}) →</text>",
              f"<text x='14' y='{top}' font-size='12' fill='#444' transform='rotate(90 14 {top})'>"
              f"{escape('×'.join(names[:-1]) or '')}{f' ({rows}) →' if len(shape) > 1 else ''}</text>"]
@@ -137,11 +122,12 @@ def _stage_legend(plan: Any) -> str:
     for i, st in enumerate(plan.stages):
         colour = STAGE_COLOURS[i % len(STAGE_COLOURS)]
         layers = f"layer {st.layers[0]}" if st.layers[0] == st.layers[1] else f"layers {st.layers[0]}–{st.layers[1]}"
-        times = (f"t_i {fmt_s(st.t_s)}/microbatch, u_i {fmt_s(st.u_s)}" if pipeline_of(plan) is not None
-                 else fmt_s(st.cost_s))
+        times = (f"t_i {shared.fmt_s(st.t_s)}/microbatch, u_i {shared.fmt_s(st.u_s)}"
+                 if shared.pipeline_of(plan) is not None
+                 else shared.fmt_s(st.cost_s))
         items.append(f"<div><span class='sw' style='background:{colour}'></span>stage {i}: {layers} on sub-mesh "
                      f"{'×'.join(map(str, st.submesh))} "
-                     f"({len(st.devices)} devices) · {times} · {fmt_bytes(st.memory_bytes)}</div>")
+                     f"({len(st.devices)} devices) · {times} · {shared.fmt_bytes(st.memory_bytes)}</div>")
     return f"<div class='legend'>{''.join(items)}</div>"
 
 
@@ -150,11 +136,12 @@ def cost_svg(plan: Any, width: int = 470) -> str:
     """One bar per part of the step time, scaled to the total, and memory against capacity."""
     total = plan.cost.total_s
     label_w, bar_w, h = 110, width - 110 - 150, 20
-    rows = [(name, v, v / total if total > 0 else 0.0, COST_COLOURS[name], fmt_s(v)) for name, v in cost_rows(plan)]
-    cap = memory_capacity(plan)
+    rows = [(name, v, v / total if total > 0 else 0.0, COST_COLOURS[name], shared.fmt_s(v))
+            for name, v in shared.cost_rows(plan)]
+    cap = shared.memory_capacity(plan)
     mem = plan.cost.peak_memory_bytes
     rows.append(("memory/device", mem, mem / cap if cap else 0.0, MEMORY_COLOUR,
-                 fmt_bytes(mem) + (f" / {fmt_bytes(cap)}" if cap else "")))
+                 shared.fmt_bytes(mem) + (f" / {shared.fmt_bytes(cap)}" if cap else "")))
     height = (len(rows) + 1) * (h + 8) + 8
     parts = [f"<svg class='alpa-lite-cost' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
              f"viewBox='0 0 {width} {height}' role='img' aria-label='predicted cost'>"]
@@ -169,7 +156,7 @@ def cost_svg(plan: Any, width: int = 470) -> str:
                      f"<text x='{label_w + bar_w + 6}' y='{y + 14}' font-size='11' fill='#333'>{escape(text)}</text>")
     y = 8 + len(rows) * (h + 8)
     parts.append(f"<text x='0' y='{y + 14}' font-size='12' font-weight='bold' fill='#222'>total "
-                 f"{escape(fmt_s(total))}</text></svg>")
+                 f"{escape(shared.fmt_s(total))}</text></svg>")
     return "".join(parts)
 
 
@@ -179,7 +166,7 @@ def _tensor_table(rows: list[Any], css_class: str, kind: str) -> str:
         f"<tr class='alpa-lite-{kind}-row'><td class='num'>{i}</td><td><code>{escape(r.name)}</code></td>"
         f"<td>{escape(r.type_text)}</td><td><code>{escape(r.pspec_text)}</code></td>"
         f"<td>{escape(r.local_text)}</td>"
-        f"<td class='num'>{'' if r.local_bytes is None else fmt_bytes(r.local_bytes)}</td></tr>"
+        f"<td class='num'>{'' if r.local_bytes is None else shared.fmt_bytes(r.local_bytes)}</td></tr>"
         for i, r in enumerate(rows))
     return (f"<table class='{css_class}'><tr><th>#</th><th>tensor</th><th>type</th><th>sharding</th>"
             f"<th>per device</th><th>bytes/device</th></tr>{body}</table>")
@@ -187,14 +174,15 @@ def _tensor_table(rows: list[Any], css_class: str, kind: str) -> str:
 
 def _collectives_table(plan: Any) -> str:
     title = (f"<h4>Predicted collectives ({len(plan.collectives)}; "
-             f"{fmt_bytes(plan.predicted_wire_bytes)} sent per device)</h4>")
+             f"{shared.fmt_bytes(plan.predicted_wire_bytes)} sent per device)</h4>")
     if not plan.collectives:
         return title + "<p class='sub'>none: no device talks to another</p>"
     body = "".join(
         f"<tr><td>{escape(c.kind)}</td><td>{escape(','.join(c.axes))}</td><td class='num'>{c.group_size}</td>"
-        f"<td class='num'>{fmt_bytes(c.nbytes)}</td><td class='num'>{fmt_bytes(c.wire_bytes())}</td>"
+        f"<td class='num'>{shared.fmt_bytes(c.nbytes)}</td><td class='num'>{shared.fmt_bytes(c.wire_bytes())}</td>"
         f"<td><code>{escape(c.where)}</code></td></tr>" for c in plan.collectives)
-    kinds = " · ".join(f"{escape(k)} ×{n} ({fmt_bytes(wb)})" for k, (n, wb) in collective_totals(plan).items())
+    kinds = " · ".join(f"{escape(k)} ×{n} ({shared.fmt_bytes(wb)})"
+                       for k, (n, wb) in shared.collective_totals(plan).items())
     return (f"{title}<table class='alpa-lite-collectives'><tr><th>kind</th><th>axes</th><th>group</th>"
             f"<th>buffer</th><th>wire bytes</th><th>where</th></tr>{body}</table><p class='sub'>by kind: {kinds}</p>")
 
@@ -215,9 +203,10 @@ def comparison_html(comparison: Any) -> str:
                f"fill='{COST_COLOURS['compute']}'/></svg>")
         cls = " class='best'" if r["method"] == best else ""
         vs = "" if r["vs_auto"] is None else f"{r['vs_auto']:.2f}×"
-        cells = [fmt_s(r["compute_s"]), fmt_s(r["communication_s"]), fmt_s(r["resharding_s"]),
-                 fmt_bytes(r["memory_bytes"]), fmt_bytes(r["wire_bytes"]), vs]
-        body.append(f"<tr><td{cls}>{escape(r['method'])}</td><td class='num'>{fmt_s(r['total_s'])}</td><td>{bar}</td>"
+        cells = [shared.fmt_s(r["compute_s"]), shared.fmt_s(r["communication_s"]), shared.fmt_s(r["resharding_s"]),
+                 shared.fmt_bytes(r["memory_bytes"]), shared.fmt_bytes(r["wire_bytes"]), vs]
+        body.append(f"<tr><td{cls}>{escape(r['method'])}</td>"
+                    f"<td class='num'>{shared.fmt_s(r['total_s'])}</td><td>{bar}</td>"
                     + "".join(f"<td class='num'>{c}</td>" for c in cells) + f"<td>{escape(r['status'])}</td></tr>")
     return (f"<div class='alpa-lite-plan'><style>{_CSS}</style><table class='alpa-lite-comparison'><tr>"
             "<th>method</th><th>step</th><th></th><th>compute</th><th>communication</th><th>resharding</th><th>memory/device</th>"
