@@ -1,7 +1,11 @@
 """The interpreter: every op of an ``OpGraph`` → its list of strategies.
 
 Parameters and non-scalar constants may take any spec (slicing a replicated constant is free);
-scalars stay replicated. Other ops ask the rule table; an op with no rule, or whose rule fails,
+scalars stay replicated. An input fed anew each call (a batch) is charged one pass over its
+per-device bytes, the feed, so splitting it pays; a ``resident`` input, which stays on the
+devices between calls (weights, carried state such as a KV cache), costs no time of its own: the
+ops that read it price those bytes (charging both would count a decode step's weights twice).
+Other ops ask the rule table; an op with no rule, or whose rule fails,
 gets the replicated strategy and is left unconstrained in emission (one warning per primitive).
 Specs the user fixed (``with_sharding_constraint``, committed inputs) filter the list.
 """
@@ -33,19 +37,23 @@ class StrategyGraph:
     missing_rules: tuple[str, ...]  # primitives that had no rule
 
 
-def build_strategies(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
+def build_strategies(graph: OpGraph, cluster: ClusterSpec,
+                     resident: frozenset[int] = frozenset()) -> StrategyGraph:
     """Every op's strategies. Ops alike (same primitive, parameters, operand and result types,
     FLOPs and number of readers: the same op in every copy of a repeated layer) share one list,
-    generated once, so a 96-layer model costs about what one layer does."""
+    generated once, so a 96-layer model costs about what one layer does. ``resident``: tensor
+    ids of the graph inputs that stay on the devices between calls (module docstring)."""
     strategies, unconstrained, missing = [], set(), []
     memo: dict[Any, tuple[list[Strategy], bool]] = {}
     for op in graph.ops:
+        stays = bool(op.outputs) and op.outputs[0] in resident
         key = _signature(graph, op)
         if key is None:
-            strats, ok = _op_strategies(graph, op, cluster)
+            strats, ok = _op_strategies(graph, op, cluster, stays)
         else:
+            key = (key, stays)
             if key not in memo:
-                memo[key] = _op_strategies(graph, op, cluster)
+                memo[key] = _op_strategies(graph, op, cluster, stays)
             strats, ok = memo[key]
         if not ok:
             unconstrained.add(op.index)
@@ -69,14 +77,15 @@ def _signature(graph: OpGraph, op: Op) -> Any:
     return key
 
 
-def _op_strategies(graph: OpGraph, op: Op, cluster: ClusterSpec) -> tuple[list[Strategy], bool]:
+def _op_strategies(graph: OpGraph, op: Op, cluster: ClusterSpec,
+                   resident: bool = False) -> tuple[list[Strategy], bool]:
     outs = tuple(graph.tensors[t] for t in op.outputs)
     ins = [graph.tensors[t] for t in op.operands]
     ctx = RuleContext(cluster, outs, op.flops)
     if op.kind in ("parameter", "constant"):
         t = outs[0]
         specs = ctx.specs(t.shape) if t.rank and t.size > 1 else [ShardingSpec.replicated(t.rank)]
-        return [ctx.strategy(str(s), [s], [], [], flops=0.0) for s in specs], True
+        return [ctx.strategy(str(s), [s], [], [], flops=0.0, fused=resident) for s in specs], True
     rule = rule_for(op.primitive)
     if rule is None:
         warn_missing(op.primitive)

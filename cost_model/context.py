@@ -65,8 +65,22 @@ class RuleContext:
         return float(math.prod(spec.local_shape(t.shape, self.sizes)) * wire_itemsize(t, self.cluster))
 
     def compute_time(self, flops: float, touched_bytes: float) -> float:
+        return max(self.roofline(flops, touched_bytes))
+
+    def roofline(self, flops: float, touched_bytes: float) -> tuple[float, float]:
+        """(FLOP seconds, HBM seconds): FLOPs / (peak · efficiency), bytes / HBM bandwidth."""
         dev = self.cluster.device
-        return max(flops / (dev.peak_flops * dev.efficiency), touched_bytes / dev.hbm_bandwidth)
+        return flops / (dev.peak_flops * dev.efficiency), touched_bytes / dev.hbm_bandwidth
+
+    def hbm_part(self, flops: float, touched_bytes: float) -> float:
+        """The roofline's time when its memory term is the larger, else 0."""
+        flop_s, hbm_s = self.roofline(flops, touched_bytes)
+        return hbm_s if hbm_s > flop_s else 0.0
+
+    def split_ways(self, out_spec: ShardingSpec) -> int:
+        """How many ways the work is split: the mesh axes that split the output or make it a
+        partial sum (every other axis computes the same thing again)."""
+        return math.prod(self.sizes[a] for a in set(out_spec.axes_used()) | set(out_spec.partial))
 
     def strategy(self, name: str, out_specs: Sequence[ShardingSpec],
                  in_specs: Sequence[ShardingSpec], ins: Sequence[TensorInfo],
@@ -77,15 +91,22 @@ class RuleContext:
         ``fused``: XLA fuses element-wise ops (and broadcasts) into their neighbours' kernels, so
         they cost their FLOPs only, not a pass over memory of their own."""
         out_specs, in_specs = tuple(out_specs), tuple(in_specs)
-        split_axes = set(out_specs[0].axes_used()) | set(out_specs[0].partial)
-        split = math.prod(self.sizes[a] for a in split_axes)
         total = self.flops if flops is None else flops
         out_mem = sum(self.local_bytes(t, s) for t, s in zip(self.outs, out_specs))
         in_mem = sum(self.local_bytes(t, s) for t, s in zip(ins, in_specs))
         touched = 0.0 if fused else out_mem + in_mem
+        split = self.split_ways(out_specs[0])
         compute = self.compute_time(total / split, touched) if (total or touched) else 0.0
         comm = sum(collective_time(c, self.cluster) for c in collectives)
-        return Strategy(name, out_specs, in_specs, compute, comm, out_mem, tuple(collectives))
+        return Strategy(name, out_specs, in_specs, compute, comm, out_mem, tuple(collectives),
+                        hbm_s=self.hbm_part(total / split, touched))
+
+    def touching(self, s: Strategy, touched_bytes: float) -> Strategy:
+        """``s`` with its compute time priced for ``touched_bytes`` per device instead of every
+        operand and output whole: for ops that read or write only a window of a buffer."""
+        flops = self.flops / self.split_ways(s.out_spec)
+        return replace(s, compute_s=self.compute_time(flops, touched_bytes),
+                       hbm_s=self.hbm_part(flops, touched_bytes))
 
     def with_reduced(self, strats: Sequence[Strategy]) -> list[Strategy]:
         """``strats`` plus, for each whose output is a partial sum, the same strategy reduced at

@@ -4,7 +4,8 @@ A ``Strategy`` is one way to run an op: the spec of its output (possibly a parti
 on the out-edge), the spec each operand must arrive in (never partial), and its costs: compute
 seconds (roofline), seconds of the collectives the strategy itself needs, the per-device
 bytes of the output it keeps alive, and the bytes it needs only while it runs (``scratch_bytes``:
-a loop's body temporaries).
+a loop's body temporaries). ``hbm_s`` is the part of ``compute_s`` set by bytes, not FLOPs: all
+of it when the op's roofline is its memory term, else 0 (what a plan reports as bounding it).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Strategy:
     memory_bytes: float = 0.0
     collectives: tuple[Collective, ...] = field(default=())
     scratch_bytes: float = 0.0
+    hbm_s: float = 0.0
 
     @property
     def out_spec(self) -> ShardingSpec:

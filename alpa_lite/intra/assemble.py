@@ -56,7 +56,8 @@ def assemble_plan(iop: IntraOpProblem, sol: IlpSolution, *, method: str, mesh: A
         else:
             resh += cost
     peak = peak_memory(iop, sol.choice)  # every resharded copy charged exactly (problem)
-    cost = PlanCost(float(compute), float(comm), float(resh), peak)
+    cost = PlanCost(float(compute), float(comm), float(resh), peak,
+                    float(sum(s.hbm_s for s in chosen)))
     solver = SolverInfo(sol.status, sol.objective, sol.bound, sol.gap, sol.wall_s,
                         sol.num_variables, sol.num_constraints, note, nodes=iop.problem.num_nodes,
                         leaders=sol.leaders, tied_classes=sol.tied_classes or 0, solves=sol.solves)

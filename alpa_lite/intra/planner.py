@@ -77,7 +77,8 @@ def plan_one_stage(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster
     timings["trace_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     progress("strategies")
-    sgraph = strategy_graph(step.graph, cluster)
+    state, _ = step.state_and_batch()
+    sgraph = strategy_graph(step.graph, cluster, frozenset(step.graph.inputs[i] for i in state))
     timings["strategies_s"] = time.perf_counter() - t1
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
     masks, unsplit = method_masks(method, sgraph, step)

@@ -123,11 +123,13 @@ def clear_caches() -> None:
         cached.cache_clear()
 
 
-def strategy_graph(graph: OpGraph, cluster: ClusterSpec) -> StrategyGraph:
-    """Every op's strategies (``cost_model.build_strategies``), each forward/backward pair of
-    scans also offered the halves of their joint solutions (``pair_scans``): what
-    ``problem.build_problem`` takes."""
-    return pair_scans(build_strategies(graph, cluster))
+def strategy_graph(graph: OpGraph, cluster: ClusterSpec,
+                   resident: frozenset[int] = frozenset()) -> StrategyGraph:
+    """Every op's strategies (``cost_model.build_strategies``; ``resident``: the tensor ids of
+    inputs that stay on the devices between calls), each forward/backward pair of scans also
+    offered the halves of their joint solutions (``pair_scans``): what ``problem.build_problem``
+    takes."""
+    return pair_scans(build_strategies(graph, cluster, resident))
 
 
 # ---- one scan ---------------------------------------------------------------------------------

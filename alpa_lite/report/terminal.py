@@ -56,6 +56,8 @@ def _header(plan: Any) -> Text:
     t.append(f"cluster {cluster_text(plan)} · {mesh_kind(plan)}\n")
     t.append(f"predicted step {fmt_s(step_time(plan))} · peak memory {fmt_bytes(plan.cost.peak_memory_bytes)} "
              "per device", style="bold")
+    if pipeline_of(plan) is None:  # a pipeline's stage costs do not keep the HBM part apart
+        t.append(f" · bound by {plan.cost.bound}")
     if pipeline_of(plan) is not None:
         t.append("\n" + pipeline_text(plan))
     return t

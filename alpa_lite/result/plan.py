@@ -40,10 +40,19 @@ class PlanCost:
     communication_s: float
     resharding_s: float
     peak_memory_bytes: float
+    hbm_s: float = 0.0  # of compute_s, the ops whose roofline is bytes / HBM bandwidth
 
     @property
     def total_s(self) -> float:
         return self.compute_s + self.communication_s + self.resharding_s
+
+    @property
+    def bound(self) -> str:
+        """What bounds the step: the largest of HBM bandwidth (bytes-bound ops), compute
+        (FLOP-bound ops) and collectives (communication + resharding)."""
+        terms = {"HBM bandwidth": self.hbm_s, "compute": self.compute_s - self.hbm_s,
+                 "collectives": self.communication_s + self.resharding_s}
+        return max(terms, key=terms.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -374,7 +383,8 @@ class Plan:
                           for o, i, f in d["layouts"]),
             op_kinds=tuple(str(k) for k in d["op_kinds"]),
             cost=PlanCost(float(cost["compute_s"]), float(cost["communication_s"]),
-                          float(cost["resharding_s"]), float(cost["peak_memory_bytes"])),
+                          float(cost["resharding_s"]), float(cost["peak_memory_bytes"]),
+                          float(cost.get("hbm_s", 0.0))),
             collectives=tuple(PredictedCollective(str(c["kind"]), tuple(c["axes"]),
                                                   float(c["nbytes"]), int(c["group_size"]),
                                                   str(c["where"]), int(c.get("stage", -1)),

@@ -21,6 +21,14 @@
   leaves at full extent (not sliced, padded, joined or reversed) may be split, in every array
   operand and output alike; index operands and pad values are scalars and stay replicated.
 
+Touched bytes (the roofline's memory term) are what the kernel reads and writes, not every
+operand whole: a gather, slice or dynamic_slice reads the window it returns and writes it
+(2 × output bytes, plus the indices); a dynamic_update_slice reads the update and writes it into
+the operand's buffer in place (2 × update bytes). XLA updates in place when the operand's buffer
+is dead after the op: a donated buffer such as a decode step's KV cache, or a temporary. An
+operand still needed later would be copied first (a pass over the whole buffer) and that copy is
+not priced here.
+
 Anything the dimension numbers do not fit (unexpected ranks) falls back to replicated.
 """
 
@@ -77,7 +85,20 @@ def _gather(ctx: RuleContext, operand: TensorInfo, indices: TensorInfo, *,
     loops = gather_loops(operand, indices, ctx.out, dimension_numbers, slice_sizes)
     if loops is None:
         return [ctx.replicated([operand, indices])]
-    return einsum_strategies(ctx, loops, [operand, indices])
+    return [window_priced(ctx, s, ctx.out, [indices])
+            for s in einsum_strategies(ctx, loops, [operand, indices])]
+
+
+def window_priced(ctx: RuleContext, s: Strategy, window: TensorInfo,
+                  others: Sequence[TensorInfo] = ()) -> Strategy:
+    """``s`` touching its ``window`` twice (read, written) and its last operands ``others``
+    once, each in the spec ``s`` gives it: the window lies in the output's spec when it is the
+    output, else in the spec of the operand it is (the update of a dynamic_update_slice)."""
+    spec = s.out_spec if window is ctx.out else s.in_specs[1]
+    rest = s.in_specs[len(s.in_specs) - len(others):]
+    touched = 2 * ctx.local_bytes(window, spec) + sum(
+        ctx.local_bytes(t, sp) for t, sp in zip(others, rest))
+    return ctx.touching(s, touched)
 
 
 def scatter_loops(operand: TensorInfo, indices: TensorInfo, updates: TensorInfo, dnums: Any,
@@ -164,21 +185,22 @@ def _slice(ctx: RuleContext, x: TensorInfo, *, start_indices: Sequence[int],
     strides = strides or (1,) * x.rank
     cut = {d for d in range(x.rank)
            if start_indices[d] != 0 or limit_indices[d] != x.shape[d] or strides[d] != 1}
-    return whole_dim_strategies(ctx, x, cut, [x])
+    return [window_priced(ctx, s, ctx.out) for s in whole_dim_strategies(ctx, x, cut, [x])]
 
 
 @register_strategy(lax.dynamic_slice_p)
 def _dynamic_slice(ctx: RuleContext, x: TensorInfo, *idx: TensorInfo,
                    slice_sizes: Sequence[int], **_: Any) -> list[Strategy]:
     cut = {d for d in range(x.rank) if slice_sizes[d] != x.shape[d]}
-    return whole_dim_strategies(ctx, x, cut, [x], idx)
+    return [window_priced(ctx, s, ctx.out) for s in whole_dim_strategies(ctx, x, cut, [x], idx)]
 
 
 @register_strategy(lax.dynamic_update_slice_p)
 def _dynamic_update_slice(ctx: RuleContext, x: TensorInfo, update: TensorInfo,
                           *idx: TensorInfo, **_: Any) -> list[Strategy]:
     cut = {d for d in range(x.rank) if update.shape[d] != x.shape[d]}
-    return whole_dim_strategies(ctx, x, cut, [x, update], idx)
+    return [window_priced(ctx, s, update)
+            for s in whole_dim_strategies(ctx, x, cut, [x, update], idx)]
 
 
 @register_strategy(lax.pad_p)
