@@ -12,6 +12,11 @@ baseline only removes choices, auto's modelled cost can never exceed a baseline'
   used in place by the matmuls (never gathered)
   over every axis, in the order the forward pass first uses them; other state replicated.
 - dp_tp (2-D meshes): batch split over the first axis, Megatron over the last.
+
+A KV cache (state written by a ``dynamic_update_slice``, laid out [batch, ctx, heads, head_dim])
+follows serving practice: split by heads over the tensor-parallel axes (Megatron-LM and vLLM
+inference give each device the heads of its attention shard) and by batch over the
+data-parallel axes; ZeRO-3 treats it as data-parallel does (a cache is per sequence).
 """
 
 from __future__ import annotations
@@ -90,9 +95,13 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
         specs[i] = _split_dim(t, 0, dp_axes, sizes) if t.rank else ShardingSpec(())
     wanted = [i for i in batch_inputs if dp_axes]  # the inputs the method splits
     order = _weight_order(graph, [state_groups.get(i, i) for i in state_inputs])
+    caches = cache_inputs(graph, state_inputs)
     for i in state_inputs:
         t = tensors[graph.inputs[i]]
-        if method == "zero3":
+        if i in caches:
+            specs[i] = _cache_split(t, dp_axes, tp_axes, sizes)
+            wanted.append(i)
+        elif method == "zero3":
             specs[i] = _largest_dim_split(t, axes, sizes)
             wanted.append(i)
         elif tp_axes and graph.inputs[state_groups.get(i, i)] in order:
@@ -107,6 +116,23 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
             f"does not divide where {method} splits it (mesh axes {dict(sizes)}): left replicated"
             for i in wanted if tensors[graph.inputs[i]].rank and not specs[i].axes_used())
     return specs
+
+
+def cache_inputs(graph: OpGraph, state_inputs: Sequence[int]) -> set[int]:
+    """Flat state positions written in place by a ``dynamic_update_slice``: KV caches."""
+    updated = {op.operands[0] for op in graph.ops if op.kind == "dynamic-update-slice"}
+    return {i for i in state_inputs if graph.inputs[i] in updated}
+
+
+def _cache_split(t: TensorInfo, dp_axes: Sequence[str], tp_axes: Sequence[str],
+                 sizes: Mapping[str, int]) -> ShardingSpec:
+    """Batch (dim 0) over ``dp_axes``, heads (dim −2 of [batch, ctx, heads, head_dim]) over
+    ``tp_axes``, each over the longest prefix of its axes that divides it."""
+    if t.rank < 3:
+        return _split_dim(t, 0, dp_axes, sizes)
+    dims = list(_split_dim(t, 0, dp_axes, sizes).dims)
+    dims[t.rank - 2] = _split_dim(t, t.rank - 2, tp_axes, sizes).dims[t.rank - 2]
+    return ShardingSpec(tuple(dims))
 
 
 def baseline_masks(method: str, sgraph: StrategyGraph,
