@@ -26,6 +26,8 @@ _LAZY = {
     "grad": "alpa_lite.tracing.markers",
     "mark_layer": "alpa_lite.tracing.markers",
     "trace": "alpa_lite.tracing.tracer",
+    "plan_serving": "alpa_lite.serving",
+    "ServingPlan": "alpa_lite.serving",
 }
 
 

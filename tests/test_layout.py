@@ -36,6 +36,8 @@ MAY_IMPORT = {
                            "alpa_lite.emit", "alpa_lite.measure", "cost_model", "ilp", "dp_stages"},
     "alpa_lite.api": {"alpa_lite.ir", "alpa_lite.tracing", "alpa_lite.result", "alpa_lite.intra", "alpa_lite.emit",
                       "alpa_lite.pipeline"},
+    "alpa_lite.serving": {"alpa_lite.ir", "alpa_lite.tracing", "alpa_lite.result", "alpa_lite.intra", "alpa_lite.emit",
+                          "alpa_lite.pipeline", "alpa_lite.api", "cost_model"},
     "alpa_lite.cli": {"alpa_lite", "alpa_lite.ir", "alpa_lite.result", "alpa_lite.measure", "alpa_lite.report"},
 }
 # Deferred on purpose: the CLI sets XLA_FLAGS before anything that may start jax's backends, and
