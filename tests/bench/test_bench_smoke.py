@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
     # predicted against compiled wire bytes in the default suite
     pytest.param("fidelity", "| model | mesh | method | predicted wire B |", marks=pytest.mark.slow),
     ("planning_time", "| layers | devices | hidden | plan s |"),
+    # slow: four CPU compiles (~10 s); tests/models/test_generate.py covers decode in the default suite
+    pytest.param("inference", "| shape | GPUs | batch | decode ms |", marks=pytest.mark.slow),
 ])
 def test_bench_script_smallest(script, header, tmp_path):
     out = tmp_path / "out.json"
@@ -29,6 +31,9 @@ def test_bench_script_smallest(script, header, tmp_path):
     assert data["rows"], data
     if script == "fidelity":
         assert all(r["wire_err"] <= 0.10 for r in data["rows"]), data["rows"]
+    if script == "inference":
+        assert all(r["predicted_wire"] == pytest.approx(r["compiled_wire"], rel=0.1, abs=256)
+                   for r in data["cpu"]), data["cpu"]
     if script == "plan_quality":
         assert all(r["ratio"] <= 1.0 + 1e-9 for r in data["rows"]), data["rows"]
 

@@ -81,3 +81,16 @@ def test_megatron_splits_the_cache_by_heads():
     megatron, _, _ = big_decode("megatron", 4)
     for spec in jax.tree.leaves(megatron.in_specs[1], is_leaf=lambda s: isinstance(s, jax.P)):
         assert tuple(spec) == (None, None, "device"), spec  # [batch, ctx, heads, head_dim]
+
+
+def test_a_cache_that_does_not_divide_the_mesh_is_planned_around_or_named():
+    """Batch 3 and one key/value head on 8 devices: auto plans around it; Megatron, which would
+    split the heads, leaves the cache replicated and says so (the input, its shape, the mesh)."""
+    cfg = gen.GenConfig(n_heads=4, n_kv_heads=1)
+    _, decode = gen.make_steps(cfg)
+    _, dec_args = gen.abstract_args(cfg, batch=3, prompt=4)
+    mesh = make_mesh((8,))
+    assert al.plan(decode, *dec_args, mesh=mesh).solver.status == "OPTIMAL"
+    megatron = al.plan(decode, *dec_args, mesh=mesh, method="megatron")
+    named = [w for w in megatron.warnings if "[3, 64, 1, 16]" in w and "does not divide" in w]
+    assert len(named) == 2 * cfg.n_layers, megatron.warnings
