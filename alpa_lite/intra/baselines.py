@@ -100,7 +100,8 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
         t = tensors[graph.inputs[i]]
         if i in caches:
             specs[i] = _cache_split(t, dp_axes, tp_axes, sizes)
-            wanted.append(i)
+            if dp_axes or tp_axes:  # on one device nothing is split, nothing to report
+                wanted.append(i)
         elif method == "zero3":
             specs[i] = _largest_dim_split(t, axes, sizes)
             wanted.append(i)
