@@ -45,10 +45,11 @@ def greedy_choice(simple: Simplified, passes: int = 3) -> dict[int, int]:
 
 
 def add_hint(model, simple: Simplified, choice: dict[int, int]) -> None:
-    """Hint s_v[i] = [i == choice_v] and each edge pair variable accordingly."""
+    """Hint s_v[i] = [i == choice_v] and each edge pair (of classes) variable accordingly."""
     for v, s in model.s.items():
         for i, var in enumerate(s):
             model.cp.add_hint(var, int(i == choice[v]))
-    for (a, b), pairs in model.e.items():
-        for (i, j), var in pairs.items():
-            model.cp.add_hint(var, int(i == choice[a] and j == choice[b]))
+    for (a, b), ev in model.e.items():
+        picked = ev.value(choice[a], choice[b])
+        for pair, var in ev.pairs.items():
+            model.cp.add_hint(var, int(pair == picked))

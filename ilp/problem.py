@@ -121,6 +121,9 @@ class IlpOptions:
     # Leaf elimination and dead-end pruning (``ilp.eliminate``): exact, off only to see the
     # whole model (tests of its size).
     eliminate: bool = True
+    # The LP relaxation first (``ilp.lp_first``): an integral optimum ends the solve without
+    # CP-SAT. Off to see CP-SAT's model (tests of its size) or CP-SAT's own search.
+    lp_first: bool = True
     # Identical layers solved once (``ilp.symmetry``): refinement rounds (0: never tie), and the
     # smallest model (leader nodes after merging) worth it; small models solve exactly anyway.
     # Rounds = the radius (in edges) of the neighbourhood tied nodes share. Measured on GPT

@@ -13,8 +13,10 @@ from ilp.eliminate import dead_ends, eliminate_leaves
 from ilp.reduced import Reduced, Simplified, simplify
 from ilp.symmetry import classes, quotient
 
-EXACT = IlpOptions(time_limit_s=20, merge_followers=False, tie_rounds=0)
-TIED = IlpOptions(time_limit_s=20, merge_followers=False, tie_rounds=2, tie_min_nodes=0)
+# Elimination off: the layered chain is series-parallel, and elimination alone (ilp.eliminate)
+# solves it in closed form, leaving nothing to tie.
+EXACT = IlpOptions(time_limit_s=20, merge_followers=False, tie_rounds=0, eliminate=False)
+TIED = IlpOptions(time_limit_s=20, merge_followers=False, tie_rounds=2, tie_min_nodes=0, eliminate=False)
 
 
 def layered(num_layers: int, seed: int = 0, budget: float | None = None) -> IlpProblem:
