@@ -7,8 +7,9 @@ planner (``intra.planner``).
 
 ``@al.parallelize`` plans on the first call per input signature, then reuses the compiled plan. It
 works bare (``@al.parallelize``) and with arguments (``@al.parallelize(mesh=mesh)``), as Alpa's
-``parallelize`` does. The cache key is the pytree structure, shapes and dtypes of the dynamic
-arguments plus the values of static ones.
+``parallelize`` does. The cache key is the pytree structure, shapes and dtypes (as ``jax.jit`` types
+them: ``alpa_lite.ir.signature``) of the dynamic arguments plus the values of static ones; the
+shardings the arguments arrive with are not part of it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from alpa_lite.intra import scan
 from alpa_lite.intra.planner import METHODS, plan_one_stage
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import PlanningError
+from alpa_lite.ir.signature import leaf_signature
 from alpa_lite.pipeline import layers
 from alpa_lite.pipeline.planner import plan_pipeline
 from alpa_lite.pipeline.program import uses_value_and_grad
@@ -82,8 +83,10 @@ class Parallelized:
         static = {i % n for i in self._static} if n else set()
         dyn = [a for i, a in enumerate(args) if i not in static]
         leaves, tree = jax.tree.flatten(dyn)
-        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
-                    for x in leaves)
+        # The types jax.jit sees (a Python int step and the int32 array the first call returns
+        # are one signature), never the shardings: a call fed this function's own sharded
+        # outputs reuses its plan (the compiled plan moves arguments onto its input shardings).
+        sig = tuple(leaf_signature(x) for x in leaves)
         try:
             statics = tuple(args[i] for i in sorted(static))
             hash(statics)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alpa_lite.intra.scan import body_plan_for
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import Op, OpGraph
+from alpa_lite.ir.hlo_names import RESHARD_P
 from alpa_lite.ir.specs import ShardingSpec
 from alpa_lite.result.plan import OpLayout
 from cost_model.resharding import reshard_path
@@ -90,8 +91,12 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
             ins = [fetch(t, w) for t, w in zip(op.operands, wants)]
             if op.primitive is lax.scan_p and not lay.free:  # constraints inside the loop body
                 outs = emit_scan(op, ins, lay.outs, lay.ins, cluster, mesh)
+            elif op.primitive is RESHARD_P:
+                # Its spec is fixed in the plan (a hard constraint) and constrained just below;
+                # bound as is it would name the traced (Explicit) mesh inside auto_axes.
+                outs = ins
             else:
-                params = op.primitive.get_bind_params(dict(op.params))
+                params = op.primitive.get_bind_params(_without_explicit_shardings(op.params))
                 outs = op.primitive.bind(*ins, **params)
                 outs = outs if op.primitive.multiple_results else [outs]
             for t, x, spec in zip(op.outputs, outs, lay.outs):
@@ -99,6 +104,24 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
         return [fetch(t, s) for t, s in zip(graph.outputs, output_specs)]
 
     return body
+
+
+# Params through which an op states its result's sharding in the types (explicit sharding).
+_SHARDING_PARAMS = ("sharding", "out_sharding")
+
+
+def _without_explicit_shardings(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with result shardings on Explicit mesh axes dropped. Ops traced after a
+    ``reshard`` onto Explicit axes carry that layout in their params (``broadcast_in_dim``'s
+    ``sharding``, ``dot_general``'s ``out_sharding``); the body is replayed inside ``auto_axes``,
+    where jax refuses them, and the plan's own constraints (the reshard's among them) place the
+    results."""
+    out = dict(params)
+    for key in _SHARDING_PARAMS:
+        mesh = getattr(out.get(key), "mesh", None)
+        if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+            out[key] = None
+    return out
 
 
 def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: ClusterSpec,

@@ -20,6 +20,7 @@ import numpy as np
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import MeshError
 from alpa_lite.ir.graph import OpGraph
+from alpa_lite.ir.signature import leaf_signature
 
 log = logging.getLogger("alpa_lite.intra.roles")
 
@@ -41,8 +42,7 @@ def resolve_mesh(mesh: Any, cluster: ClusterSpec | None) -> tuple[Any, ClusterSp
 
 
 def _leaf_avals(tree: Any) -> list[tuple[tuple[int, ...], str]]:
-    return [(tuple(np.shape(x)), str(np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)))
-            for x in jax.tree.leaves(tree)]
+    return [leaf_signature(x) for x in jax.tree.leaves(tree)]
 
 
 def find_ties(graph: OpGraph | None, args: Sequence[Any], static: Sequence[int],

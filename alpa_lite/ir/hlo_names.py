@@ -9,9 +9,29 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from jax.extend.core import primitives as P
 
 from alpa_lite.ir.graph import TensorInfo
+
+
+def _reshard_primitive() -> Any:
+    """jax's explicit-sharding ``reshard`` primitive. jax exports no handle to it
+    (``jax.extend.core.primitives`` lists none): it is taken, as an object, from the one equation
+    ``jax.sharding.reshard`` traces to on a one-device abstract mesh (no device needed)."""
+    from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+
+    mesh = AbstractMesh((1,), ("a",), axis_types=(AxisType.Explicit,))
+    closed = jax.make_jaxpr(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec("a"))))(
+        jax.ShapeDtypeStruct((1,), "float32"))
+    return closed.jaxpr.eqns[0].primitive
+
+
+# ``jax.sharding.reshard(x, sharding)``: an identity whose result must have ``sharding`` (param
+# ``dst_sharding``), as ``with_sharding_constraint`` asks of its (param ``sharding``).
+RESHARD_P = _reshard_primitive()
+# Identity primitives that fix their result's sharding → the param holding that sharding.
+SHARDING_CONSTRAINTS: dict[Any, str] = {P.sharding_constraint_p: "sharding", RESHARD_P: "dst_sharding"}
 
 _HLO_NAME: dict[Any, str] = {
     P.dot_general_p: "dot", P.add_p: "add", P.add_jaxvals_p: "add", P.sub_p: "subtract",

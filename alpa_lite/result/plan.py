@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from alpa_lite.ir.errors import PlanFileError, PlanningError, SignatureError
+from alpa_lite.ir.signature import leaf_signature
 from alpa_lite.ir.specs import ShardingSpec
 from cost_model.strategy import Collective
 
@@ -243,11 +244,9 @@ class Plan:
     # ---- running --------------------------------------------------------------------
     def check_signature(self, args: Sequence[Any]) -> None:
         dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
-        leaves = jax.tree.leaves(dyn)
-        # Python scalars are typed as jax traces them (float32 / int32 unless x64 is on).
-        got = tuple((tuple(int(d) for d in np.shape(x)),
-                     str(jax.dtypes.canonicalize_dtype(np.result_type(x))) if not hasattr(x, "dtype")
-                     else str(np.dtype(x.dtype))) for x in leaves)
+        # Typed as jax.jit types them: Python and NumPy scalars included (NumPy int64 is int32
+        # unless x64 is on), so whatever jax.jit accepts for this signature is accepted.
+        got = tuple(leaf_signature(x) for x in jax.tree.leaves(dyn))
         if got != self.signature:
             raise SignatureError(_signature_diff(self.signature, got))
         statics = tuple(repr(args[i]) for i in self.static_argnums if i < len(args))

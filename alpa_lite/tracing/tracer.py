@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 from jax.sharding import NamedSharding
 
 from alpa_lite.ir.errors import PlanningError, ShardingError, UnsupportedError
 from alpa_lite.ir.graph import Op, OpGraph, TensorInfo
-from alpa_lite.ir.hlo_names import hlo_name, op_flops
+from alpa_lite.ir.hlo_names import RESHARD_P, SHARDING_CONSTRAINTS, hlo_name, op_flops
+from alpa_lite.ir.signature import dtype_name, leaf_aval
 from alpa_lite.ir.specs import ShardingSpec
 
 log = logging.getLogger("alpa_lite.tracing.tracer")
@@ -92,13 +92,7 @@ class _Builder:
 
 
 def _dtype_name(aval: Any) -> str:
-    """numpy's name of the dtype; extended dtypes (PRNG keys) keep jax's name, e.g. 'key<fry>'."""
-    if not hasattr(aval, "dtype"):
-        return "float32"
-    try:
-        return str(np.dtype(aval.dtype))
-    except TypeError:
-        return str(aval.dtype)
+    return dtype_name(aval.dtype) if hasattr(aval, "dtype") else "float32"
 
 
 def _source_of(eqn: Any) -> str:
@@ -155,8 +149,8 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
             outs = [b.new_tensor(v.aval) for v in eqn.outvars]
             b.add_op(hlo_name(prim), ins, outs, primitive=prim, params=dict(eqn.params),
                      source=_source_of(eqn))
-            if prim is P.sharding_constraint_p:
-                _record_constraint(b, eqn, outs[0])
+            if prim in SHARDING_CONSTRAINTS and _states_a_layout(prim, eqn.params[SHARDING_CONSTRAINTS[prim]]):
+                _record_constraint(b, eqn.params[SHARDING_CONSTRAINTS[prim]], outs[0])
         for v, t in zip(eqn.outvars, outs):
             env[v] = t
     return [read(x) if live else None for x, live in zip(jaxpr.outvars, live_out)]
@@ -171,8 +165,16 @@ def _inline(b: _Builder, eqn: Any, ins: list[int], live_out: Sequence[bool]) -> 
     return _walk(b, body, (), ins, live_out)
 
 
-def _record_constraint(b: _Builder, eqn: Any, out: int) -> None:
-    sharding = eqn.params.get("sharding")
+def _states_a_layout(prim: Any, sharding: Any) -> bool:
+    """Whether a constraint fixes its result's layout. A ``reshard`` onto Auto axes does not:
+    it is how ``auto_axes`` hands values to the compiler ("decide this"), not a layout."""
+    if prim is not RESHARD_P:
+        return True
+    mesh = getattr(sharding, "mesh", None)
+    return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def _record_constraint(b: _Builder, sharding: Any, out: int) -> None:
     spec = getattr(sharding, "spec", None)
     if spec is None:
         return
@@ -220,7 +222,9 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
         if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float, bool, complex)):
             raise PlanningError(f"argument leaf {jax.tree_util.keystr(path)} is a "
                                 f"{type(leaf).__name__}, not an array; pass it with "
-                                "static_argnums or make it an array")
+                                "static_argnums or make it an array (an Equinox model: pass "
+                                "the arrays of eqx.partition(model, eqx.is_array) and close "
+                                "over the rest)")
 
     _check_input_shardings(dyn)
 
@@ -232,7 +236,9 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
         return fn(*full)
 
     try:
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
+        # Traced on the types jax.jit gives the leaves, without their shardings
+        # (``alpa_lite.ir.signature``): committed shardings are recorded below, as constraints.
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*map(leaf_aval, leaves))
     except PlanningError:
         raise
     except Exception as e:

@@ -8,6 +8,7 @@
 - top_k: replicated. The algebra allows splitting the other dims, but XLA (jax 0.10.2, CPU)
   lowers it to a ``TopK`` custom call that it all-gathers whatever the split, so a split
   strategy would promise a saving that never happens.
+- bitcast_convert_type: element-wise between equal widths, replicated between others.
 - random number primitives: replicated. Generating a slice of the stream per device would give
   different numbers than the unsharded program unless the generator is partitionable, so the
   bits are made whole and consumers slice them (free).
@@ -42,6 +43,15 @@ def _cumulative(ctx: RuleContext, x: TensorInfo, *, axis: int, **_: Any) -> list
 @register_strategy(lax.sort_p)
 def _sort(ctx: RuleContext, *xs: TensorInfo, dimension: int, **_: Any) -> list[Strategy]:
     return whole_dim_strategies(ctx, xs[0], {dimension}, xs)
+
+
+@register_strategy(lax.bitcast_convert_type_p)
+def _bitcast(ctx: RuleContext, x: TensorInfo, **_: Any) -> list[Strategy]:
+    """Reinterpreting bits (dropout turns random uint32 into floats with it): element-wise when
+    the widths match; between widths the last dim appears or vanishes, and the op is kept whole."""
+    if x.shape != ctx.out.shape:
+        return [ctx.replicated([x])]
+    return [ctx.strategy(str(s), [s], [s], [x], fused=True) for s in ctx.specs(x.shape)]
 
 
 _RANDOM_NAMES = ("random_seed_p", "random_bits_p", "random_split_p", "random_fold_in_p",

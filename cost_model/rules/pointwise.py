@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jax.extend.core import primitives as P
-
 from alpa_lite.ir.graph import TensorInfo
-from alpa_lite.ir.hlo_names import ELEMENTWISE
+from alpa_lite.ir.hlo_names import ELEMENTWISE, SHARDING_CONSTRAINTS
 from alpa_lite.ir.specs import ShardingSpec
 from cost_model.context import RuleContext
 from cost_model.registry import register_strategy
@@ -27,8 +25,8 @@ def follow(spec: ShardingSpec, out: TensorInfo, operand: TensorInfo) -> Sharding
     return ShardingSpec(dims)
 
 
-# with_sharding_constraint is an identity whose output spec the builder then fixes.
-@register_strategy(*ELEMENTWISE, P.sharding_constraint_p)
+# with_sharding_constraint and reshard are identities whose output spec the builder then fixes.
+@register_strategy(*ELEMENTWISE, *SHARDING_CONSTRAINTS)
 def _elementwise(ctx: RuleContext, *operands: TensorInfo, **_: Any) -> list[Strategy]:
     out = ctx.out
     return [ctx.strategy(str(s), [s] * len(ctx.outs), [follow(s, out, t) for t in operands], operands,

@@ -229,7 +229,10 @@ def test_sharding_constraint_under_auto_axes_is_fixed():
     with jax.set_mesh(mesh):
         g = trace(fn, x)
     t = _constrained_value(g)
-    assert g.fixed == {t: ShardingSpec.parse("[y,x]")}
+    # auto_axes reshards its input onto Auto axes (no layout stated: not fixed) and its result
+    # onto the Explicit out_sharding P() (replicated: fixed, as the user asked)
+    (out_reshard,) = [op.outputs[0] for op in g.ops if op.kind == "reshard" and op.outputs[0] in g.fixed]
+    assert g.fixed == {t: ShardingSpec.parse("[y,x]"), out_reshard: ShardingSpec.parse("[R,R]")}
 
 
 def test_sharding_constraint_on_auto_mesh_is_fixed():
