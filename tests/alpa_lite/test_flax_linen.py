@@ -16,17 +16,15 @@ case, proves its optimum without CP-SAT (1.9 s in all); the second case's LP is 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
-jax = pytest.importorskip("jax")
-pytest.importorskip("flax")
-ocp = pytest.importorskip("orbax.checkpoint")
-
-import alpa_lite as al  # noqa: E402
-from examples import flax_lm  # noqa: E402
-from tests.helpers import make_mesh  # noqa: E402
+import alpa_lite as al
+from examples import flax_lm
+from tests.helpers import make_mesh
 
 ATOL = 1e-4  # adam steps (README: adam amplifies last-bit differences of near-zero gradients)
 
