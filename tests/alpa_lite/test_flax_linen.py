@@ -150,3 +150,24 @@ def test_reshard_inside_the_step_is_honoured():
         want = jax.jit(step)(*args)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_an_ilp_without_a_plan_falls_back_to_a_baseline_for_the_lm(lm, monkeypatch):
+    """The auto search ending with no plan (what the issue saw: ``NoSolutionError`` after 60 s)
+    gives a baseline's plan, which runs and equals the unsharded step."""
+    import alpa_lite.intra.planner as planner
+    from ilp import NoSolutionError
+
+    fn, _, mesh, state, batch, keys, ref = lm
+    real, calls = planner.solve_within_budget, []
+
+    def first_fails(build, options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise NoSolutionError("no plan within the test's limits")
+        return real(build, options)
+
+    monkeypatch.setattr(planner, "solve_within_budget", first_fails)
+    plan = al.plan(fn, _copy(state), *batch, keys[0], mesh=mesh)
+    assert len(calls) > 1 and plan.solver.note.startswith("ILP timed out: fell back to the "), plan.solver.note
+    _assert_equal(_train(plan.compile(fn), _copy(state), batch, keys[:1])[0][0], ref[0], 0)
