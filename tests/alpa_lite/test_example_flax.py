@@ -11,8 +11,8 @@ from examples import equinox_mlp, flax_lm, nnx_mlp
 
 
 def _steps(out: str, prefix: str = "") -> list[float]:
-    return [float(x) for x in re.findall(rf"^{prefix}step \d[^:]*: loss (\S+), sharded == unsharded ✓ \(plans made: 1\)$",
-                                         out, re.M)]
+    line = rf"^{prefix}step \d[^:]*: loss (\S+), sharded == unsharded ✓ \(plans made: 1\)$"
+    return [float(x) for x in re.findall(line, out, re.M)]
 
 
 # Slow (12 s, mostly the compile): its model, loop and Orbax round trip are those of
