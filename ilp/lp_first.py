@@ -18,6 +18,7 @@ and memory by the budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,10 @@ def _columns(simple: Simplified) -> tuple[dict[int, int], list[tuple[tuple[int, 
     return offset, pairs, n
 
 
-def relaxation(simple: Simplified, rows: list[dict[int, np.ndarray]], budget: float | None):
-    """``(x, bound, offsets, sizes)`` of the LP optimum, or None when HiGHS finds none."""
+def relaxation(simple: Simplified, rows: list[dict[int, np.ndarray]], budget: float | None
+               ) -> tuple[np.ndarray, float, dict[int, int], tuple[int, int]] | None:
+    """``(x, bound, column offset per node, (columns, rows))`` of the LP optimum, or None when
+    HiGHS finds none within its iteration limit."""
     offset, pairs, n = _columns(simple)
     finite = [t[np.isfinite(t)] for t in [*simple.costs.values(), *simple.edges.values()]]
     scale = max((float(np.abs(t).max()) for t in finite if t.size), default=1.0) or 1.0
@@ -115,7 +118,7 @@ def plan_cost(simple: Simplified, choice: dict[int, int]) -> float:
 
 
 def proven_by_lp(simple: Simplified, rows: list[dict[int, np.ndarray]], budget: float | None,
-                 fits) -> LpProof | None:
+                 fits: Callable[[dict[int, int]], bool]) -> LpProof | None:
     """The optimum when the relaxation's is integral and ``fits(choice)`` (finite, within the
     memory rows); None otherwise (CP-SAT decides)."""
     if not simple.costs:
