@@ -128,14 +128,14 @@ def _plan(problem: IlpProblem, options: IlpOptions, merged: bool, start: float, 
     if tied is not None:
         # dead ends pruned on the tied model: exact for it, and far smaller than the untied one
         pruned_tied = dead_ends(tied.simple, tied.rows) if options.eliminate else tied.simple
-        found = _search(pruned_tied, tied.rows, budget, options, start)
+        found = _search(pruned_tied, tied.rows, budget, options, start, reductions)
         if found is not None:
             class_choice, status, bound, model = found
             sizes[2] = tied.num_classes
             return red.expand(elim.expand(tied.expand(class_choice))), status, bound, model, sizes
         logger.info("no plan with identical layers tied fits; solving the untied model")
     pruned = dead_ends(elim.simple, rows) if options.eliminate else elim.simple
-    found = _search(pruned, rows, budget, options, start)
+    found = _search(pruned, rows, budget, options, start, reductions)
     if found is None:
         return None
     choice, status, bound, model = found
@@ -153,12 +153,16 @@ def _tied(simple: Simplified, rows: list, options: IlpOptions) -> Tied | None:
     return tied if tied.num_classes <= 0.75 * len(simple.costs) else None
 
 
-def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOptions, start: float):
+def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOptions, start: float,
+            reductions: Reductions):
     """CP-SAT on one (possibly tied) model: ``(choice per node, status, bound, model)``, None when
-    infeasible; NoSolutionError when the limits pass with no plan."""
+    infeasible; NoSolutionError when the limits pass with no plan. The LP relaxation first, unless
+    it did not decide an earlier solve of the same problem (``Reductions.lp_decides``)."""
     tick = time.perf_counter()
-    proof = (proven_by_lp(simple, rows, budget, lambda choice: _fits(simple, rows, budget, choice))
-             if options.lp_first else None)
+    proof = None
+    if options.lp_first and reductions.lp_decides:
+        proof = proven_by_lp(simple, rows, budget, lambda choice: _fits(simple, rows, budget, choice))
+        reductions.lp_decides = proof is not None
     if proof is not None:  # the relaxation's optimum is a plan: optimal, no search needed
         logger.info("LP relaxation integral in %.3f s (%d variables): optimal without CP-SAT",
                     time.perf_counter() - tick, proof.num_variables)
@@ -223,17 +227,24 @@ class Reductions:
     problems that differ from it only in memory rows and budget: ``alpa_lite.intra.fit`` solves a
     problem again with rows added or the budget lowered, and neither merging (``ilp.merge``) nor
     ``simplify`` reads rows or budget (on a 96-layer GPT the two take 2-3 s of every solve). A
-    problem with other nodes, edges or follow relations is reduced afresh."""
+    problem with other nodes, edges or follow relations is reduced afresh.
+
+    ``lp_decides`` turns False once the LP relaxation (``ilp.lp_first``) has not decided a solve:
+    the rows fit adds only cut the relaxation further, and a fractional optimum seldom turns
+    integral that way, while the relaxation costs as much as the search (a 96-layer GPT's tied
+    model with memory rows: 4 s of HiGHS in every round, fractional in every one). It only saves
+    work: CP-SAT proves the same optimum either way."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] = ()
         self._done: dict[bool, tuple[Reduced, Simplified]] = {}
+        self.lp_decides = True
 
     def of(self, problem: IlpProblem, merged: bool) -> tuple[Reduced, Simplified]:
         """``(reduced, simplified)`` of ``problem``, with its own memory and live sets."""
         key = (problem.edges, problem.follow, *problem.node_costs)
         if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
-            self._key, self._done = key, {}
+            self._key, self._done, self.lp_decides = key, {}, True
         if merged not in self._done:
             self._done[merged] = _reduce(problem, merged)
         red, simple = self._done[merged]

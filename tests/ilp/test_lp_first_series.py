@@ -71,3 +71,26 @@ def test_pair_variables_over_equal_rows_are_exact_and_fewer():
     assert solution.objective == pytest.approx(brute_force(prob)[1], rel=1e-9)
     full_pairs = 4 * 3 + 3 * 3 + 4 * 3
     assert solution.num_variables < 4 + 3 + 3 + full_pairs  # (0, 1) has 2 x 3 pair variables, not 4 x 3
+
+
+def test_a_relaxation_that_did_not_decide_is_not_solved_again_for_the_same_problem(monkeypatch):
+    """``alpa_lite.intra.fit`` solves one problem again with rows added or the budget lowered: once
+    the LP has left a solve to CP-SAT, the later solves of that problem go to CP-SAT directly, with
+    the same optimum; a problem with other costs tries the LP again."""
+    from dataclasses import replace
+
+    from ilp import solver
+
+    calls = []
+    real = solver.proven_by_lp
+    monkeypatch.setattr(solver, "proven_by_lp", lambda *a: calls.append(1) or real(*a))
+    triangle = problem([[0, 0]] * 3, [(0, 1, DIFFER), (1, 2, DIFFER), (0, 2, DIFFER)])
+    options = IlpOptions(merge_followers=False, eliminate=False)
+    kept = solver.Reductions()
+    best = brute_force(triangle)[1]
+    assert solve(triangle, options, kept).objective == best
+    assert solve(replace(triangle, memory_budget=1.0), options, kept).objective == best
+    assert calls == [1]
+    tree = problem([[0.0, 1.0], [1.0, 0.0]], [(0, 1, [[0.0, 2.0], [2.0, 0.5]])])
+    assert solve(tree, options, kept).objective == brute_force(tree)[1]
+    assert calls == [1, 1]
