@@ -148,6 +148,7 @@ class Liveness:
         out: list[int] = []
         for s, e in runs:  # the highest point of each run first, then a few more across the runs
             out.append(int(s + np.argmax(profile[s:e])))
-        for s, e in runs:
-            out += [int(p) for p in np.linspace(s, e - 1, SPREAD + 2)[1:-1].round() if int(p) not in out]
+        for s, e in runs:  # a run shorter than SPREAD + 2 points repeats points: each once
+            out += [p for p in dict.fromkeys(np.linspace(s, e - 1, SPREAD + 2)[1:-1].round().astype(int).tolist())
+                    if p not in out]
         return out[:limit]

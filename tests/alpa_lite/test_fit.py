@@ -118,3 +118,19 @@ def test_lazy_rows_give_the_optimum_of_all_rows(budget, seed, mlp, monkeypatch, 
     assert peak_memory(iop, sol.choice) <= budget
     assert sol.objective == pytest.approx(full.objective, rel=1e-6)
     assert sol.solves == 1 + caplog.text.count("rows added") + caplog.text.count("solving again")
+
+
+def test_rows_added_for_short_runs_over_the_budget_are_distinct_points():
+    """Runs of 1-3 points over the budget: each run's highest point, then points spread across
+    the runs, every point once (a run shorter than the spread repeated its points before)."""
+    from alpa_lite.intra.liveness import Liveness
+
+    empty = np.zeros(0, dtype=np.int64)
+    live = Liveness(*[empty] * 10)
+    profile = np.zeros(40)
+    profile[[3, 10, 11, 20, 21, 22]] = [5, 6, 7, 9, 8, 6]
+    got = live.peaks(profile, over=1.0, limit=64)
+    assert got[:3] == [20, 11, 3]  # the runs by height, each at its highest point
+    assert sorted(got) == [3, 10, 11, 20, 21, 22]
+    assert live.peaks(profile, over=1.0, limit=2) == [20, 11]
+    assert live.peaks(profile, over=10.0, limit=64) == []
