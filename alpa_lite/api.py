@@ -26,7 +26,7 @@ from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import PlanningError
 from alpa_lite.ir.signature import leaf_signature
 from alpa_lite.pipeline import layers
-from alpa_lite.pipeline.planner import plan_pipeline
+from alpa_lite.pipeline.planner import check_one_stage_remat, plan_pipeline, remat_mode
 from alpa_lite.pipeline.program import uses_value_and_grad
 from alpa_lite.result.plan import Plan
 
@@ -35,8 +35,14 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
          method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
          num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
          donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
-         time_limit_s: float = 60.0, progress: Callable[[str], None] | None = None) -> Plan:
+         time_limit_s: float = 60.0, progress: Callable[[str], None] | None = None,
+         remat: bool | None = None) -> Plan:
     """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API").
+
+    ``remat`` (activation recomputation, per pipeline stage): None lets the stage DP decide,
+    False never recomputes, True makes every stage recompute its layers' forward in the backward
+    pass. One-stage plans never recompute (not implemented yet): ``remat=True`` with one (
+    ``num_stages=1``, or a step without ``al.value_and_grad``) raises a PlanningError.
 
     ``progress``, when given, is called with each phase's name as it starts: "tracing",
     "strategies", "ILP", "DP" (the CLI shows them on a terminal).
@@ -45,13 +51,16 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
     if not time_limit_s > 0:
         raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
+    remat_mode(remat)  # a bad value fails before any tracing
     if num_stages not in (None, 1) or (num_stages is None and method == "auto"
                                        and _uses_pipeline_markers(fn, args, static_argnums)):
         (progress or (lambda phase: None))("DP")
         return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
                              memory_budget=memory_budget, num_stages=num_stages,
                              num_microbatches=num_microbatches, batch_argnums=batch_argnums,
-                             static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+                             static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress,
+                             remat=remat)
+    check_one_stage_remat(remat)
     return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget,
                           batch_argnums=batch_argnums, donate_argnums=donate_argnums,
                           static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
@@ -120,11 +129,12 @@ def parallelize(fun: Callable[..., Any] | None = None, *, mesh: Any = None, clus
                 method: str = "auto", memory_budget: float | None = None, num_stages: int | None = None,
                 num_microbatches: int | None = None, batch_argnums: Sequence[int] | None = None,
                 donate_argnums: Sequence[int] | None = None, static_argnums: Sequence[int] = (),
-                time_limit_s: float = 60.0) -> Parallelized | Callable[[Callable[..., Any]], Parallelized]:
+                time_limit_s: float = 60.0,
+                remat: bool | None = None) -> Parallelized | Callable[[Callable[..., Any]], Parallelized]:
     """Decorate a function so it runs with an alpa-lite plan; the options are ``plan``'s."""
     options = dict(mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget, num_stages=num_stages,
                    num_microbatches=num_microbatches, batch_argnums=batch_argnums, donate_argnums=donate_argnums,
-                   static_argnums=static_argnums, time_limit_s=time_limit_s)
+                   static_argnums=static_argnums, time_limit_s=time_limit_s, remat=remat)
     if fun is None:
         return lambda f: Parallelized(f, options)
     return Parallelized(fun, options)

@@ -1,7 +1,7 @@
 """``alpa-lite``: plan a JAX program from the command line, show saved plans, compare, check.
 
     alpa-lite plan examples.mlp:target --mesh 2x4 [--cluster dgx-h100 --hosts 2] [--method auto]
-                   [--memory-budget 40GB] [--json plan.json] [--html plan.html]
+                   [--memory-budget 40GB] [--remat auto|never|always] [--json plan.json] [--html plan.html]
     alpa-lite show plan.json
     alpa-lite compare examples.mlp:target --mesh 8
     alpa-lite check examples.mlp:target --mesh 2x4 [--plan plan.json]
@@ -42,6 +42,7 @@ from alpa_lite.ir.cluster import ClusterSpec, parse_mesh
 from alpa_lite.ir.errors import PlanningError
 
 METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")  # = alpa_lite.intra.planner.METHODS
+REMAT_CHOICES = {"auto": None, "never": False, "always": True}  # --remat → al.plan's remat
 MAX_FORCED_DEVICES = 256  # more fake CPU devices than this costs start-up time for no use
 _COUNT_FLAG = "xla_force_host_platform_device_count"
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -256,10 +257,10 @@ class Setup:
     memory_budget: float | None
     time_limit: float
 
-    def plan(self, method: str, progress: Any = None) -> Any:
+    def plan(self, method: str, progress: Any = None, **options: Any) -> Any:
         import alpa_lite as al
 
-        kwargs = {"memory_budget": self.memory_budget, "time_limit_s": self.time_limit, **self.kwargs}
+        kwargs = {"memory_budget": self.memory_budget, "time_limit_s": self.time_limit, **self.kwargs, **options}
         return al.plan(self.fn, *self.args, mesh=self.mesh, cluster=self.cluster, method=method,
                        progress=progress, **kwargs)
 
@@ -290,10 +291,13 @@ def cli(traceback: bool) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan to this JSON file.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write the plan's HTML view here.")
 @click.option("--all", "show_all", is_flag=True, help="List every predicted collective.")
+@click.option("--remat", type=click.Choice(tuple(REMAT_CHOICES)),
+              help="Activation recomputation per pipeline stage: auto (the planner's choice, the default), "
+                   "never, or always (every stage; one-stage plans never recompute).")
 @click.pass_context
 def plan_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None, cluster: str | None,
              hosts: int | None, memory_budget: str | None, time_limit: float, method: str,
-             json_path: str | None, html_path: str | None, show_all: bool) -> None:
+             json_path: str | None, html_path: str | None, show_all: bool, remat: str) -> None:
     """Plan TARGET (MODULE:FUNCTION returning (fn, example_args)) and print the plan."""
     from alpa_lite.report.progress import PlanProgress
     from alpa_lite.report.terminal import plan_renderable
@@ -301,7 +305,8 @@ def plan_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None
     with one_line_errors(ctx):
         setup = _setup(target, mesh, axes, cluster, hosts, memory_budget, time_limit)
         with PlanProgress() as progress:
-            result = setup.plan(method, progress)
+            options = {} if remat is None else {"remat": REMAT_CHOICES[remat]}  # else the target's or None
+            result = setup.plan(method, progress, **options)
         _write(json_path, result.to_json())
         _write(html_path, _html_page(result))
     stdout_console().print(plan_renderable(result, arg_names=arg_names(setup.fn),

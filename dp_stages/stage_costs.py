@@ -17,6 +17,21 @@ with transient = peak − weight − residual (what one forward+backward needs b
 before any backward); under 1F1B one more than the stages after it, which the DP bounds through
 ``max_n_succ_stages`` (Alpa's). A view that does not fit the per-device budget is not used; no
 view fitting makes the entry infinite.
+
+Recomputation (remat) is a second option per entry: every layer of the stage recomputes its
+forward half in the backward pass, so the stage holds per microbatch only its layers' inputs
+(the non-weight ones, at the view's specs), and pays each layer's forward once more:
+
+    t_remat    = t + Σ_{l=i..j} forward[l,v]
+    mem_remat  = weight_factor·Σ weight[l,v] + inflight·Σ_{l=i..j} input[l,v]
+               + max_l (residual[l,v] + transient[l,v])
+
+The last term: during layer l's recomputed backward its residuals of the one microbatch being
+worked on are live again, beside what its forward+backward needs beyond them (its transient).
+An input read by several layers of the stage is counted once per reader (an upper bound: the
+runtime saves each layer's inputs). ``remat`` says which options an entry may take: "never"
+(keep only), "always" (recompute only) or "auto" (the fastest option that fits; keeping wins a
+tie). The choice per entry is ``StageTables.remat``, as the view is ``StageTables.view``.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from dp_stages.dp import StageDPInput
 from dp_stages.submeshes import num_devices
 
 SCHEDULES = ("gpipe", "1f1b")
+REMAT_MODES = ("never", "auto", "always")  # which options a stage entry may take (module docstring)
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +60,9 @@ class LayerCosts:
     pair_s: np.ndarray  # [L, L, V]: resharding from layer a's outputs to layer b's inputs, a < b
     send_fwd_bytes: np.ndarray  # [L+1]: activation bytes crossing cut c forward
     send_bwd_bytes: np.ndarray  # [L+1]: gradient bytes crossing cut c backward
+    # Needed when recomputation is allowed (None: unknown, remat="never" only):
+    forward_s: np.ndarray | None = None  # the forward half of one microbatch, run again under remat
+    input_bytes: np.ndarray | None = None  # non-weight inputs of one microbatch: held under remat
 
     @property
     def num_layers(self) -> int:
@@ -61,7 +80,11 @@ class StageTables:
     dp_input: StageDPInput
     view: np.ndarray  # [L, L, S] index into LayerCosts.views of the chosen view, -1: none fits
     static_bytes: np.ndarray  # [L, L, S] per device at that view: weights, state, transient
-    per_microbatch_bytes: np.ndarray  # [L, L, S] per device: residuals of one microbatch
+    per_microbatch_bytes: np.ndarray  # [L, L, S] per device: residuals (or, remat, inputs) of one microbatch
+    remat: np.ndarray | None = None  # [L, L, S] bool: the entry recomputes its forward (None: never)
+
+    def recomputes(self, i: int, j: int, s: int) -> bool:
+        return self.remat is not None and bool(self.remat[i, j, s])
 
     def memory_bytes(self, i: int, j: int, s: int, inflight: int) -> float:
         return float(self.static_bytes[i, j, s] + inflight * self.per_microbatch_bytes[i, j, s])
@@ -70,53 +93,128 @@ class StageTables:
 def stage_tables(costs: LayerCosts, submeshes: tuple[tuple[int, int], ...],
                  submesh_views: tuple[tuple[int, ...], ...], num_hosts: int, devices_per_host: int,
                  num_microbatches: int, memory_budget: float, send_link: tuple[Link, ...],
-                 weight_factor: float = 4.0, schedule: str = "gpipe") -> StageTables:
-    """Compose the DP's tables; ``submesh_views[s]`` lists the view indices sub-mesh s may use."""
+                 weight_factor: float = 4.0, schedule: str = "gpipe", remat: str = "never") -> StageTables:
+    """Compose the DP's tables; ``submesh_views[s]`` lists the view indices sub-mesh s may use;
+    ``remat`` one of ``REMAT_MODES`` (module docstring)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    _check_remat(costs, remat)
     L, S, B = costs.num_layers, len(submeshes), int(num_microbatches)
-    cum = _prefix(costs.time_s)
-    cum_u = _prefix(costs.update_s)
-    cum_w = _prefix(costs.weight_bytes)
-    cum_r = _prefix(costs.residual_bytes)
-    transient = np.maximum(costs.peak_bytes - costs.weight_bytes - costs.residual_bytes, 0.0)
+    sums = _LayerSums.of(costs, remat != "never")
     inner = _inner_pairs(costs.pair_s)
-    t = np.full((L, L, S), np.inf)
-    u = np.zeros((L, L, S))
-    view = np.full((L, L, S), -1, dtype=np.int64)
-    mem = np.full((2, L, L, S), np.inf)  # static, per microbatch
-    succ = np.full((L, L, S), np.inf) if schedule == "1f1b" else None
+    out = _Out.empty(L, S, schedule == "1f1b", remat != "never")
     for i in range(L):
         for j in range(i, L):
-            tv = _span(cum, i, j) + inner[i, j]
-            static = weight_factor * _span(cum_w, i, j) + transient[i:j + 1].max(axis=0)
-            resid = _span(cum_r, i, j)
+            opts = sums.options(i, j, inner[i, j], weight_factor, remat)
             for s, (shape, vs) in enumerate(zip(submeshes, submesh_views)):
-                _fill(t, u, view, mem, succ, (i, j, s), tv, _span(cum_u, i, j), static, resid,
-                      list(vs), B, memory_budget, schedule)
-                if view[i, j, s] >= 0:
-                    t[i, j, s] += _send_s(costs, i, j, L, num_devices(shape), send_link[s])
-    inp = StageDPInput(L, tuple(submeshes), num_hosts, devices_per_host, B, t, u, succ)
-    return StageTables(inp, view, mem[0], mem[1])
+                _fill(out, (i, j, s), opts, _span(sums.u, i, j), list(vs), B, memory_budget, schedule)
+                if out.view[i, j, s] >= 0:
+                    out.t[i, j, s] += _send_s(costs, i, j, L, num_devices(shape), send_link[s])
+    inp = StageDPInput(L, tuple(submeshes), num_hosts, devices_per_host, B, out.t, out.u, out.succ)
+    return StageTables(inp, out.view, out.mem[0], out.mem[1], out.remat)
 
 
-def _fill(t, u, view, mem, succ, ijs, tv, uv, static, resid, vs, B, budget, schedule) -> None:
-    """Pick the fastest view of one (i, j, s) entry that fits the budget."""
+def _check_remat(costs: LayerCosts, remat: str) -> None:
+    if remat not in REMAT_MODES:
+        raise ValueError(f"unknown remat mode {remat!r}; choose one of {REMAT_MODES}")
+    if remat != "never" and (costs.forward_s is None or costs.input_bytes is None):
+        raise ValueError(f"remat={remat!r} needs LayerCosts.forward_s and input_bytes")
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One way to run a stage, per view [V]: time per microbatch, bytes held once, bytes held
+    per microbatch in flight."""
+
+    time: np.ndarray
+    static: np.ndarray
+    per_mb: np.ndarray
+    remat: bool
+
+
+@dataclass(frozen=True, eq=False)
+class _LayerSums:
+    """Prefix sums (``_prefix``) of the per-layer figures, and the per-layer terms the options'
+    maxima run over."""
+
+    time: tuple[np.ndarray, np.ndarray]
+    u: tuple[np.ndarray, np.ndarray]
+    weight: tuple[np.ndarray, np.ndarray]
+    resid: tuple[np.ndarray, np.ndarray]
+    transient: np.ndarray  # [L, V] peak − weight − residual, at least 0
+    fwd: tuple[np.ndarray, np.ndarray] | None  # remat only
+    inputs: tuple[np.ndarray, np.ndarray] | None
+    live: np.ndarray | None  # [L, V] residual + transient: a layer's recomputed backward, remat only
+
+    @classmethod
+    def of(cls, c: LayerCosts, remat: bool) -> _LayerSums:
+        transient = np.maximum(c.peak_bytes - c.weight_bytes - c.residual_bytes, 0.0)
+        return cls(_prefix(c.time_s), _prefix(c.update_s), _prefix(c.weight_bytes), _prefix(c.residual_bytes),
+                   transient, _prefix(c.forward_s) if remat else None,
+                   _prefix(c.input_bytes) if remat else None,
+                   np.asarray(c.residual_bytes, np.float64) + transient if remat else None)
+
+    def options(self, i: int, j: int, pairs: np.ndarray, weight_factor: float, remat: str) -> list[_Option]:
+        """Keep, then recompute (so that keeping wins a tie), as ``remat`` allows."""
+        tv = _span(self.time, i, j) + pairs
+        weights = weight_factor * _span(self.weight, i, j)
+        out = []
+        if remat != "always":
+            out.append(_Option(tv, weights + self.transient[i:j + 1].max(axis=0), _span(self.resid, i, j), False))
+        if remat != "never":
+            out.append(_Option(tv + _span(self.fwd, i, j), weights + self.live[i:j + 1].max(axis=0),
+                               _span(self.inputs, i, j), True))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Out:
+    """The tables ``_fill`` writes into, [L, L, S] each (``mem``: static, per microbatch)."""
+
+    t: np.ndarray
+    u: np.ndarray
+    view: np.ndarray
+    mem: np.ndarray
+    succ: np.ndarray | None
+    remat: np.ndarray | None
+
+    @classmethod
+    def empty(cls, L: int, S: int, one_f_one_b: bool, remat: bool) -> _Out:
+        return cls(np.full((L, L, S), np.inf), np.zeros((L, L, S)), np.full((L, L, S), -1, dtype=np.int64),
+                   np.full((2, L, L, S), np.inf), np.full((L, L, S), np.inf) if one_f_one_b else None,
+                   np.zeros((L, L, S), dtype=bool) if remat else None)
+
+
+def _fill(out: _Out, ijs: tuple[int, int, int], options: list[_Option], uv: np.ndarray, vs: list[int],
+          B: int, budget: float, schedule: str) -> None:
+    """Pick the fastest (option, view) of one (i, j, s) entry that fits the budget; among equal
+    times the earlier option (keep) and the earlier view."""
     inflight = B if schedule == "gpipe" else 1
-    need = static[vs] + inflight * resid[vs]
-    ok = need <= budget
-    if not ok.any():
+    best: tuple[float, _Option, int] | None = None
+    for o in options:
+        need = o.static[vs] + inflight * o.per_mb[vs]
+        cand = np.where(need <= budget, o.time[vs], np.inf)
+        k = int(np.argmin(cand))
+        if np.isfinite(cand[k]) and (best is None or cand[k] < best[0]):
+            best = (float(cand[k]), o, vs[k])
+    if best is None:
         return
-    cand = np.where(ok, tv[vs], np.inf)
-    k = int(np.argmin(cand))
-    if not np.isfinite(cand[k]):
-        return
-    v = vs[k]
-    t[ijs], u[ijs], view[ijs] = tv[v], uv[v], v
-    mem[(0, *ijs)], mem[(1, *ijs)] = static[v], resid[v]
+    _, o, v = best
+    out.t[ijs], out.u[ijs], out.view[ijs] = o.time[v], uv[v], v
+    out.mem[(0, *ijs)], out.mem[(1, *ijs)] = o.static[v], o.per_mb[v]
+    if out.remat is not None:
+        out.remat[ijs] = o.remat
     if schedule == "1f1b":  # a stage with n stages after it holds min(n + 1, B) microbatches
-        fits_all = static[v] + B * resid[v] <= budget
-        succ[ijs] = np.inf if fits_all else np.floor((budget - static[v]) / resid[v]) - 1
+        fits_all = o.static[v] + B * o.per_mb[v] <= budget
+        out.succ[ijs] = np.inf if fits_all else np.floor((budget - o.static[v]) / o.per_mb[v]) - 1
+
+
+def remat_figures(costs: LayerCosts, i: int, j: int, v: int) -> tuple[float, float, float]:
+    """For layers i..j at view v, per microbatch and device: (the forward time recomputation adds,
+    the bytes kept without it (residuals), the bytes kept with it (inputs))."""
+    fwd = 0.0 if costs.forward_s is None else float(costs.forward_s[i:j + 1, v].sum())
+    inputs = 0.0 if costs.input_bytes is None else float(costs.input_bytes[i:j + 1, v].sum())
+    return fwd, float(costs.residual_bytes[i:j + 1, v].sum()), inputs
 
 
 def _send_s(costs: LayerCosts, i: int, j: int, L: int, n: int, link: Link) -> float:

@@ -16,7 +16,9 @@ cotangent spec, backward), a value from outside the stage read in several specs 
 its first reader's), a cotangent arriving from a later stage in its activation's spec and
 constrained to the cotangent spec, and the transfers to the neighbours (kind ``send``: the
 logical bytes of each tensor, a share of 1/n per device of the sending stage, as the stage DP
-charges them). Every rule follows what ``stage`` emits.
+charges them). A recomputing stage (``StageSpan.remat``) runs each layer's forward collectives
+again in its backward program (the resharding between layers is not repeated: each layer's
+inputs are saved in the spec it reads them in). Every rule follows what ``stage`` emits.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class StageSpan:
     layers: tuple[int, int]
     view: tuple[int, int]
     num_devices: int
+    remat: bool = False
 
 
 def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequence[Any],
@@ -128,6 +131,8 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
             lc, tag = sols[li].collectives, f"stage {p} layer {li}"
             out += [_tag(c, p, "fwd", B, tag) for c in lc.fwd]
             out += [_tag(c, p, "bwd", B, tag) for c in lc.bwd]
+            if span.remat:
+                out += [_tag(c, p, "bwd", B, f"{tag} recomputed") for c in lc.fwd]
             for c, pos in zip(lc.sync, lc.sync_pos):  # reduced as they come unless stacked
                 kept = _grad_weight(layers[li], graphs[li], pos) in stacked
                 out.append(_tag(c, p, "sync", 1, tag) if kept else _tag(c, p, "bwd", B, tag))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,8 @@ class LayerSolution:
     status: str
     wall_s: float
     collectives: LayerCollectives = LayerCollectives()  # by program; deferred gradient reductions
+    forward_s: float = 0.0  # the forward half's share of time_s (``forward_time``): what remat runs again
+    input_bytes: float = 0.0  # per device, the non-weight layer inputs: what remat holds per microbatch
 
     @property
     def time_s(self) -> float:
@@ -195,10 +198,25 @@ def layer_solution(layer: Layer, lg: LayerGraph, iop: IntraOpProblem, sol: IlpSo
         return charges.get((g.ops[d.producer].outputs[0], node), 0.0)
 
     lc = layer_collectives(layer, lg, p.layouts, p.output_specs, p.collectives, cluster, sizes, charged_s)
+    inputs = sum(g.tensors[t].nbytes / max(_split(s, sizes), 1)
+                 for k, (t, s) in enumerate(zip(g.inputs[:lg.num_inputs], p.input_specs))
+                 if k not in lg.weight_inputs)
     return LayerSolution(tuple(view), p.layouts, p.input_specs, p.output_specs, p.cost.compute_s,
                          p.cost.communication_s, p.cost.resharding_s,
                          float(sum(local[t] for t in weights)), float(resid),
-                         float(p.cost.peak_memory_bytes), sol.status, sol.wall_s, lc)
+                         float(p.cost.peak_memory_bytes), sol.status, sol.wall_s, lc,
+                         forward_time(lg, iop, sol.choice), float(inputs))
+
+
+def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int]) -> float:
+    """Seconds of G's forward half under ``choice``, from the ILP's own terms: Σ over forward ops
+    of the chosen strategy's node cost (compute + its collectives) + Σ over edges into a forward op
+    of their resharding. Edges into the output sinks are left out (recomputation makes residuals,
+    not the layer's outputs). Every term is one of the objective's, so this is <= G's time."""
+    fwd = set(lg.fwd_ops)
+    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in fwd)
+    edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges if e.dst in fwd)
+    return max(nodes + edges, 0.0)
 
 
 def _split(spec: ShardingSpec, sizes: dict[str, int]) -> int:

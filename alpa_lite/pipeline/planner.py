@@ -59,7 +59,15 @@ from alpa_lite.tracing.tracer import trace
 from cost_model.resharding import reshard
 from dp_stages import logical_views as views_of
 from dp_stages import stage_dp, submesh_shapes
-from dp_stages.stage_costs import SCHEDULES, LayerCosts, Link, StageTables, bubble_fraction, stage_tables
+from dp_stages.stage_costs import (
+    SCHEDULES,
+    LayerCosts,
+    Link,
+    StageTables,
+    bubble_fraction,
+    remat_figures,
+    stage_tables,
+)
 from dp_stages.stage_count import stage_dp_count
 from ilp.solver import format_bytes
 
@@ -82,6 +90,7 @@ class _Settings:
     budget: float
     num_stages: int | None
     schedule: str
+    remat: str  # dp_stages.stage_costs.REMAT_MODES: "auto", "never" or "always"
     num_layers: int | None
     layer_time_limit_s: float
     views: str
@@ -114,6 +123,7 @@ class Candidate:
     floor_bytes: float = 0.0  # ``memory_floor``: bytes every pipeline of this B needs in all
     # B = 1 only (the microbatch is the batch): bytes one stage needs in all (``one_stage_floor``)
     one_stage_floor: float | None = None
+    costs: LayerCosts | None = None  # the per-layer figures the tables were composed from
 
 
 @dataclass
@@ -131,7 +141,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
                   num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S,
                   logical_views: str = "auto", compare_one_stage: bool = True,
-                  progress: Callable[[str], None] | None = None) -> Plan:
+                  progress: Callable[[str], None] | None = None, remat: bool | None = None) -> Plan:
     """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower).
 
     Beyond ``al.plan``'s arguments: ``schedule`` ("gpipe" or "1f1b"), ``num_layers`` (cluster the
@@ -144,8 +154,14 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     ``num_stages=None`` the DP still weighs one stage composed from the layers' plans): for big
     models on a 2-D mesh that ILP dominates planning time. ``progress`` is called with each
     phase as it starts ("pipeline B=4: layer 2/3 on view (8, 1)", "one-stage candidate", ...).
+
+    ``remat``: None lets the stage DP choose per stage whether its layers recompute their forward
+    in the backward pass (only where that fits when keeping does not, or is faster: keeping wins a
+    tie); False never recomputes; True makes every stage recompute, and rules the one-stage plan
+    out (one-stage plans never recompute yet): with no pipeline to plan that is a PlanningError.
     """
     progress = progress or (lambda phase: None)
+    mode = remat_mode(remat)
     _check_options(method, schedule, logical_views, num_stages)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -154,9 +170,12 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     graph = trace(fn, *args, static_argnums=static)  # once: ties, the plan's signature, one stage
     timings["trace_s"] = time.perf_counter() - t0
     st, mesh = _settings(fn, args, graph, mesh, cluster, memory_budget, num_stages, schedule, num_layers,
-                         min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static)
+                         min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static, mode)
 
     def one_stage() -> Plan:
+        if mode == "always":
+            raise PlanningError(_NO_ONE_STAGE_REMAT + ("; no pipeline fits either" if best is not None else
+                                                       ": this step has no al.value_and_grad to pipeline"))
         progress("one-stage candidate")
         t1 = time.perf_counter()
         try:
@@ -184,11 +203,11 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                 f"no pipeline fits: its weights, optimizer state and in-flight activations need at least "
                 f"{format_bytes(best.floor_bytes)} over all devices, and {st.hosts * st.per_host} devices × "
                 f"{format_bytes(st.budget)} hold {format_bytes(st.capacity)}: use more devices, a smaller "
-                "batch or schedule='1f1b' (fewer microbatches in flight)")
+                f"batch{_remat_hint(st)} or schedule='1f1b' (fewer microbatches in flight)")
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
-                              "raise memory_budget, use more microbatches or another num_stages")
+                              f"raise memory_budget{_remat_hint(st)}, use more microbatches or another num_stages")
     one = None
-    if num_stages is None and compare_one_stage and one_fits:
+    if num_stages is None and compare_one_stage and one_fits and mode != "always":
         one = _one_stage_or_none(one_stage)
         if one is not None and one.cost.total_s <= best.cost:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
@@ -210,11 +229,37 @@ def _nothing_fits(st: _Settings, one_floor: float, best: Candidate | None) -> st
     piped = ""
     if best is not None and best.tables is None:
         piped = (f", a pipeline of B={best.prog.num_microbatches} microbatches {format_bytes(best.floor_bytes)} "
-                 f"({st.schedule} schedule)")
+                 f"({st.schedule} schedule{', remat ' + st.remat if st.remat != 'auto' else ''})")
     return (f"no plan fits: one stage needs at least {format_bytes(one_floor)} over all devices (the weights "
             f"and optimizer state, and every activation the backward pass reads, for the whole batch){piped}; "
             f"{st.hosts * st.per_host} devices × {format_bytes(st.budget)} hold {format_bytes(st.capacity)}: "
             "use more devices, a smaller batch or a smaller model")
+
+
+_NO_ONE_STAGE_REMAT = ("remat=True: one-stage plans never recompute activations (not implemented yet), "
+                       "only pipeline stages do; pass remat=None or False for a one-stage plan")
+
+
+def remat_mode(remat: Any) -> str:
+    """``al.plan``'s ``remat`` as a ``REMAT_MODES`` entry: None → "auto", False → "never",
+    True → "always"; anything else is a PlanningError."""
+    if remat is None:
+        return "auto"
+    if isinstance(remat, (bool, np.bool_)):
+        return "always" if remat else "never"
+    raise PlanningError(f"remat must be None (the planner decides), False (never recompute) or True (every "
+                        f"stage recomputes), got {remat!r}")
+
+
+def check_one_stage_remat(remat: Any) -> None:
+    """A one-stage plan (``num_stages=1``, or a step with no ``al.value_and_grad``) never
+    recomputes: ``remat=True`` there is an error, not ignored."""
+    if remat_mode(remat) == "always":
+        raise PlanningError(_NO_ONE_STAGE_REMAT)
+
+
+def _remat_hint(st: _Settings) -> str:
+    return ", allow recomputation (remat=None)" if st.remat == "never" else ""
 
 
 def _check_options(method: str, schedule: str, logical_views: str, num_stages: int | None) -> None:
@@ -232,15 +277,15 @@ def _check_options(method: str, schedule: str, logical_views: str, num_stages: i
 def _settings(fn: Callable[..., Any], args: Sequence[Any], graph: OpGraph, mesh: Any, cluster: ClusterSpec | None,
               memory_budget: float | None, num_stages: int | None, schedule: str, num_layers: int | None,
               layer_limit: float, views: str, batch_argnums: Sequence[int] | None,
-              static: tuple[int, ...]) -> tuple[_Settings, Any]:
+              static: tuple[int, ...], remat: str) -> tuple[_Settings, Any]:
     mesh, cluster = resolve_mesh(mesh, cluster)
     out = out_example_of(graph, fn, args, static)
     _, tied = find_ties(None, args, static, out)  # the carried state: arguments an output matches
     state, batch = state_and_batch(args, static, tied, batch_argnums)
     hosts, per_host = _hosts(cluster)
     budget = cluster.device.memory if memory_budget is None else float(memory_budget)
-    return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, num_layers, layer_limit, views,
-                     static, tuple(state), tuple(batch), out), mesh
+    return _Settings(cluster, hosts, per_host, budget, num_stages, schedule, remat, num_layers, layer_limit,
+                     views, static, tuple(state), tuple(batch), out), mesh
 
 
 def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:
@@ -329,7 +374,7 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     submeshes, sub_views, views = _candidate_views(st)
     factor = _weight_factor(prog, args, st)
     layer_graphs = [graphs[sig] for sig in sigs]
-    floor = memory_floor(layers, layer_graphs, factor, B if st.schedule == "gpipe" else 1)
+    floor = memory_floor(layers, layer_graphs, factor, B if st.schedule == "gpipe" else 1, st.remat)
     one_floor = one_stage_floor(layers, layer_graphs, factor) if B == 1 else None
     if floor > st.capacity:
         log.info("B=%d: no pipeline fits: weights, state and in-flight activations need %.4g B in all, the "
@@ -343,7 +388,7 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     costs = _layer_costs(prog, layers, sigs, graphs, sols, views, st, factor)
     links = (_send_link(st),) * len(submeshes)
     tables = stage_tables(costs, submeshes, sub_views, st.hosts, st.per_host, B, st.budget, links,
-                          factor, st.schedule)
+                          factor, st.schedule, st.remat)
     if st.num_stages is None:
         cost, sp = stage_dp(tables.dp_input)
     else:
@@ -351,7 +396,7 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     _add_time(timings, "dp_s", tick)
     stages = sp.stages if sp is not None else ()
     return Candidate(prog, layers, sigs, graphs, sols, views, submeshes, tables, stages, float(cost), ilp_s,
-                     floor, one_floor)
+                     floor, one_floor, costs)
 
 
 def _solve_layers(layers: list[Layer], sigs: list[str], graphs: dict[str, LayerGraph],
@@ -441,21 +486,30 @@ def _weight_factor(prog: StepProgram, args: Sequence[Any], st: _Settings) -> flo
     return 1.0 + max(state / weights, 1.0) if weights else 2.0
 
 
-def memory_floor(layers: Sequence[Layer], graphs: Sequence[LayerGraph], factor: float, inflight: int) -> float:
+def memory_floor(layers: Sequence[Layer], graphs: Sequence[LayerGraph], factor: float, inflight: int,
+                 remat: str = "never") -> float:
     """Bytes every pipeline needs summed over its devices, whatever its layer plans:
-    ``factor`` × each weight (counted once) + ``inflight`` × each layer's residuals. A stage on n
-    devices holds at least 1/n of every tensor it keeps (a split divides bytes, replication
+    ``factor`` × each weight (counted once) + ``inflight`` × what each layer holds per microbatch:
+    its residuals when it keeps them, its non-weight inputs when its stage recomputes
+    (``remat="always"``, plus the largest layer's residuals, live in its recomputed backward), the
+    smaller of the two per layer when the planner chooses (``"auto"``: a bound on any mix). A stage
+    on n devices holds at least 1/n of every tensor it keeps (a split divides bytes, replication
     multiplies them), so Σ_stages n·memory ≥ this floor; above N·M (devices × budget) no stage
     plan fits: the stage tables would be infinite everywhere, and the layer ILPs are skipped."""
     weights: dict[Any, int] = {}
-    resid = 0
+    keep, inputs, largest = [], [], 0
     for layer, lg in zip(layers, graphs):
         g = lg.graph
         held = {g.inputs[k] for k in lg.weight_inputs}
         for k in lg.weight_inputs:
             weights[layer.inputs[k]] = g.tensors[g.inputs[k]].nbytes
-        resid += sum(g.tensors[t].nbytes for t in lg.residuals if t not in held)
-    return factor * sum(weights.values()) + inflight * resid
+        keep.append(sum(g.tensors[t].nbytes for t in lg.residuals if t not in held))
+        inputs.append(sum(g.tensors[t].nbytes for k, t in enumerate(g.inputs[:lg.num_inputs])
+                          if k not in lg.weight_inputs))
+        largest = max(largest, keep[-1])
+    per_mb = {"never": sum(keep), "always": sum(inputs),
+              "auto": sum(min(a, b) for a, b in zip(keep, inputs))}[remat]
+    return factor * sum(weights.values()) + inflight * per_mb + (largest if remat == "always" else 0)
 
 
 def _aval(x: Any) -> Any:
@@ -469,7 +523,7 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
     update: reading and writing ``factor`` bytes per weight byte), memory figures."""
     L, V = len(layers), len(views)
     hbm = st.cluster.device.hbm_bandwidth
-    arr = {k: np.zeros((L, V)) for k in ("t", "u", "w", "r", "p")}
+    arr = {k: np.zeros((L, V)) for k in ("t", "u", "w", "r", "p", "f", "i")}
     for li, sig in enumerate(sigs):
         diff_w = _diff_weight_fraction(layers[li], graphs[sig])
         for v, view in enumerate(views):
@@ -479,9 +533,11 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
             arr["t"][li, v] = s.microbatch_s + 3 * s.weight_bytes * diff_w / hbm
             arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm + s.collectives.sync_s
             arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
+            arr["f"][li, v], arr["i"][li, v] = s.forward_s, s.input_bytes
     pair = _pair_costs(layers, sigs, graphs, sols, views, st.cluster)
     fwd, bwd = _send_bytes(layers, prog)
-    return LayerCosts(tuple(views), arr["t"], arr["u"], arr["w"], arr["r"], arr["p"], pair, fwd, bwd)
+    return LayerCosts(tuple(views), arr["t"], arr["u"], arr["w"], arr["r"], arr["p"], pair, fwd, bwd,
+                      forward_s=arr["f"], input_bytes=arr["i"])
 
 
 def _diff_weight_fraction(layer: Layer, lg: LayerGraph) -> float:
@@ -628,16 +684,19 @@ def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: 
     layer_sols = [None] * len(c.layers)
     t_list = [float(dpi.compute_cost[i, j, s]) for i, j, s in c.stages]
     for p, ((i, j, s), devs) in enumerate(zip(c.stages, devices)):
-        view = c.views[int(tab.view[i, j, s])]
+        v = int(tab.view[i, j, s])
+        view = c.views[v]
         t, u = float(dpi.compute_cost[i, j, s]), float(dpi.once_cost[i, j, s])
         held = B if st.schedule == "gpipe" else min(B, len(c.stages) - p)
+        remat = tab.recomputes(i, j, s)
+        extra, keep_b, remat_b = remat_figures(c.costs, i, j, v) if remat else (0.0, 0.0, 0.0)
         stages.append(StageInfo((i, j), c.submeshes[s], devs, t + u, tab.memory_bytes(i, j, s, held),
-                                view, t, u, held))
+                                view, t, u, held, remat, extra, keep_b - remat_b))
         for li in range(i, j + 1):
             sol = layer_sols[li] = c.sols[(c.sigs[li], view)]
             layer_plans[li] = LayerPlan(view, sol.layouts, sol.in_specs, sol.out_specs)
-        parts.append(_stage_parts(c, i, j, view, t))
-        spans.append(StageSpan((i, j), view, len(devs)))
+        parts.append(_stage_parts(c, i, j, view, t, extra))
+        spans.append(StageSpan((i, j), view, len(devs), remat))
     info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
                         None if one is None else one.cost.total_s,
                         tuple(layer.first_eqn for layer in c.layers), c.prog.batch_leaves,
@@ -662,11 +721,14 @@ def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: 
                 pipeline=info, graph=graph, mesh=mesh)
 
 
-def _stage_parts(c: Candidate, i: int, j: int, view: tuple[int, int], t: float) -> tuple[float, float, float]:
-    """(compute, communication, resharding) of one microbatch on a stage; the rest of t (sends,
-    resharding between its layers, gradient accumulation) is split off as communication."""
+def _stage_parts(c: Candidate, i: int, j: int, view: tuple[int, int], t: float,
+                 remat_s: float = 0.0) -> tuple[float, float, float]:
+    """(compute, communication, resharding) of one microbatch on a stage; the forward that
+    recomputation runs again (``remat_s``, its collectives included) counts as compute; the rest
+    of t (sends, resharding between its layers, gradient accumulation) is split off as
+    communication."""
     sols = [c.sols[(c.sigs[li], view)] for li in range(i, j + 1)]
-    comp = sum(s.compute_s for s in sols)
+    comp = sum(s.compute_s for s in sols) + remat_s
     comm = sum(s.communication_s - s.collectives.deferred_s for s in sols)
     resh = sum(s.resharding_s for s in sols)
     return comp, comm + max(t - comp - comm - resh, 0.0), resh

@@ -134,7 +134,7 @@ class PipelineRunner:
                                           self.defer_gradients))
             later = {v for lay in layers[st.layers[1] + 1:] for v in lay.inputs}
             self.stages.append(build_stage(p, halves, mesh, weights, micro, later, loss.outvars,
-                                           1.0 / info.num_microbatches))
+                                           1.0 / info.num_microbatches, st.remat))
         self.update = StageUpdates(self.prog, self.stages, self.full_mesh, _state_pairs(self.prog, args, plan))
 
     # ---- running --------------------------------------------------------------------

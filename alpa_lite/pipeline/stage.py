@@ -11,6 +11,14 @@ Inputs of the forward: the stage's weights (loss inputs that are not split, held
 its microbatch data (loss inputs that are split) and activations from earlier stages. The
 backward reads the weights again rather than holding them per microbatch.
 
+A recomputing stage (``remat``, the plan's choice for the stage) returns from its forward, in
+place of the residuals, each layer's non-weight inputs (as that layer's plan reads them); its
+backward runs, layer by layer in reverse, the layer's forward half again from those inputs and
+then its backward half. The recomputation sits behind an ``optimization_barrier`` with the
+layer's incoming cotangents, so XLA cannot hoist every layer's recomputation to the start of the
+program (which would hold all of the stage's residuals at once); since the first forward is
+another program, there is nothing for XLA to CSE the recomputation with.
+
 A weight gradient the layer plan makes as a partial sum comes out of the backward as a stacked
 partial (``accum``) and its accumulator stays unreduced; ``reduce`` sums the stacked
 accumulators once per step (the gradient sync).
@@ -156,6 +164,7 @@ class StageProgram:
     specs: dict[Var, ShardingSpec] = field(default_factory=dict)  # where inputs arrive
     stacked: dict[Var, tuple[str, ...]] = field(default_factory=dict)  # accumulators kept unreduced
     seed: float = 0.0  # cotangent of the loss, when this stage computes it (1/B)
+    remat: bool = False  # the backward recomputes each layer's forward from its saved inputs
     loss_var: Any = None
     fwd: Any = None
     bwd: Any = None
@@ -198,7 +207,8 @@ def stage_mesh(devices: Sequence[Any], view: Sequence[int]) -> jax.sharding.Mesh
 
 
 def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[Var], micro: set[Var],
-                later_reads: set[Var], loss_outvars: Sequence[Any], seed: float) -> StageProgram:
+                later_reads: set[Var], loss_outvars: Sequence[Any], seed: float,
+                remat: bool = False) -> StageProgram:
     made = {v for h in halves for v in h.layer.outputs}
     reads = list(dict.fromkeys(v for h in halves for v in h.layer.inputs if v not in made))
     diff = {v for h in halves for v, d in zip(h.layer.inputs, h.layer.diff_in) if d}
@@ -208,6 +218,7 @@ def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[V
                       [v for v in reads if v in micro], [v for v in reads if v not in weights | micro],
                       outs, [v for v in outs if v in diff and v in later_reads], [], [])
     sp.ct_out = [v for v in sp.acts_in if v in diff]
+    sp.remat = remat
     sp.accums = [v for v in sp.weights if v in diff]
     for h in halves:
         for k, v in enumerate(h.layer.inputs):
@@ -254,7 +265,7 @@ def _forward(sp: StageProgram) -> Any:
             outs = h.fwd(*xs)
             n = len(h.layer.outputs)
             env.update(zip(h.layer.outputs, outs[:n]))
-            residuals.append(outs[n:])
+            residuals.append(_saved_inputs(sp, h, xs) if sp.remat else outs[n:])
         return [env[v] for v in sp.acts_out], residuals
 
     return fwd
@@ -274,6 +285,8 @@ def _backward(sp: StageProgram) -> Any:
             douts = [k for k, d in enumerate(lay.diff_out) if d]
             cts_l = [_constrain(sp.mesh, _or_zeros(ct.get(lay.outputs[k]), lay.outputs[k]),
                                 h.plan.in_specs[n_in + j]) for j, k in enumerate(douts)]
+            if sp.remat:
+                res, cts_l = _recompute(sp, h, w, res, cts_l)
             wres = [_constrain(sp.mesh, w[lay.inputs[k]], h.plan.in_specs[k]) for k in h.weight_res]
             gs = h.bwd(*wres, *res, *cts_l)
             for j, (k, g) in enumerate(zip((k for k, d in enumerate(lay.diff_in) if d), gs)):
@@ -289,6 +302,23 @@ def _backward(sp: StageProgram) -> Any:
         return new, [_or_zeros(ct.get(v), v) for v in sp.ct_out]
 
     return bwd
+
+
+def _saved_inputs(sp: StageProgram, h: LayerHalves, xs: list[Any]) -> list[Any]:
+    """What a recomputing stage keeps of layer h per microbatch: its inputs that are not weights
+    (the weights are passed to the backward anyway)."""
+    held = set(sp.weights)
+    return [x for v, x in zip(h.layer.inputs, xs) if v not in held]
+
+
+def _recompute(sp: StageProgram, h: LayerHalves, w: dict[Var, Any], saved: list[Any],
+               cts: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Layer h's residuals, from its forward half run again on its saved inputs, once its
+    cotangents exist (the barrier orders it after the later layers' backward)."""
+    saved, cts = jax.lax.optimization_barrier((list(saved), list(cts)))
+    it = iter(saved)
+    xs = [_constrain(sp.mesh, w[v], s) if v in w else next(it) for v, s in zip(h.layer.inputs, h.plan.in_specs)]
+    return h.fwd(*xs)[len(h.layer.outputs):], cts
 
 
 def _add(a: Any, b: Any) -> Any:

@@ -122,7 +122,7 @@ def _stage_legend(plan: Any) -> str:
     for i, st in enumerate(plan.stages):
         colour = STAGE_COLOURS[i % len(STAGE_COLOURS)]
         layers = f"layer {st.layers[0]}" if st.layers[0] == st.layers[1] else f"layers {st.layers[0]}–{st.layers[1]}"
-        times = (f"t_i {shared.fmt_s(st.t_s)}/microbatch, u_i {shared.fmt_s(st.u_s)}"
+        times = (f"t_i {shared.fmt_s(st.t_s)}/microbatch, u_i {shared.fmt_s(st.u_s)}, {shared.remat_text(st)}"
                  if shared.pipeline_of(plan) is not None
                  else shared.fmt_s(st.cost_s))
         items.append(f"<div><span class='sw' style='background:{colour}'></span>stage {i}: {layers} on sub-mesh "

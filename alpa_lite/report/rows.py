@@ -180,7 +180,25 @@ def pipeline_text(plan: Any) -> str:
             f"{p.num_microbatches - 1}·{fmt_s(max(t, default=0.0))} + {fmt_s(u)} = {fmt_s(p.step_s)}")
     if getattr(p, "one_stage_s", None):
         text += f"; the best one-stage plan: {fmt_s(p.one_stage_s)} ({p.one_stage_s / p.step_s:.2f}×)"
-    return text
+    return text + "\n  " + remat_summary(plan)
+
+
+def remat_text(stage: Any) -> str:
+    """A pipeline stage's recomputation choice: what it costs (forward time run again per
+    microbatch) and saves (bytes per device held per microbatch in flight), or "keeps"."""
+    if not getattr(stage, "remat", False):
+        return "keeps"
+    return (f"recomputes: +{fmt_s(stage.remat_extra_s)}/microbatch, "
+            f"holds {fmt_bytes(stage.remat_saved_bytes)}/microbatch less")
+
+
+def remat_summary(plan: Any) -> str:
+    """One line on which stages recompute their activations, for a pipeline plan ("" if none)."""
+    rows = [f"stage {i} (layers {s.layers[0]}..{s.layers[1]}) {remat_text(s)}"
+            for i, s in enumerate(plan.stages) if getattr(s, "remat", False)]
+    if pipeline_of(plan) is None:
+        return ""
+    return "recomputation: " + ("\n    ".join(["", *rows]) if rows else "none (every stage keeps its activations)")
 
 
 def solver_text(plan: Any) -> str:

@@ -115,12 +115,12 @@ def _stages_table(plan: Any) -> Table:
                       fmt_s(st.cost_s), fmt_bytes(st.memory_bytes))
         return t
     t = _table(f"Stages ({len(plan.stages)})", "stage", "layers", "sub-mesh", "view dp×tp", "devices",
-               "t_i/microbatch", "u_i/step", "memory", "in flight",
+               "t_i/microbatch", "u_i/step", "memory", "in flight", "remat",
                right=("t_i/microbatch", "u_i/step", "memory", "in flight"))
     for i, st in enumerate(plan.stages):
         t.add_row(str(i), layer_text(st), "×".join(map(str, st.submesh)), "×".join(map(str, st.view)),
                   _device_range(st.devices), fmt_s(st.t_s), fmt_s(st.u_s), fmt_bytes(st.memory_bytes),
-                  str(st.inflight))
+                  str(st.inflight), "yes" if st.remat else "no")
     return t
 
 

@@ -83,7 +83,10 @@ class StageInfo:
     """One pipeline stage (the whole program when there is one stage). In a pipeline ``cost_s``
     is t_i + u_i, ``t_s`` its forward+backward per microbatch, ``u_s`` its once-per-step work,
     ``view`` the logical (dp, tp) shape of its sub-mesh, ``memory_bytes`` per device with its
-    in-flight microbatches' activations."""
+    in-flight microbatches' activations. ``remat``: its layers recompute their forward in the
+    backward pass, holding only their inputs per microbatch; that adds ``remat_extra_s`` to t_s
+    and holds ``remat_saved_bytes`` fewer bytes per device per microbatch in flight (residuals
+    minus inputs; both 0 when it keeps its activations)."""
 
     layers: tuple[int, int]
     submesh: tuple[int, ...]
@@ -94,6 +97,9 @@ class StageInfo:
     t_s: float = 0.0
     u_s: float = 0.0
     inflight: int = 1
+    remat: bool = False
+    remat_extra_s: float = 0.0
+    remat_saved_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,14 @@ class Plan:
         return int(np.prod(self.mesh_shape))
 
     @property
+    def remat(self) -> tuple[bool, ...]:
+        """Per layer of a pipeline: True where its stage recomputes the layer's forward in the
+        backward pass. A one-stage plan never recomputes: ()."""
+        if self.pipeline is None:
+            return ()
+        return tuple(s.remat for s in self.stages for _ in range(s.layers[0], s.layers[1] + 1))
+
+    @property
     def predicted_wire_bytes(self) -> float:
         return float(sum(c.wire_bytes() for c in self.collectives))
 
@@ -318,7 +332,9 @@ class Plan:
             "stages": [{"layers": list(s.layers), "submesh": list(s.submesh),
                         "devices": list(s.devices), "cost_s": s.cost_s,
                         "memory_bytes": s.memory_bytes, "view": list(s.view), "t_s": s.t_s,
-                        "u_s": s.u_s, "inflight": s.inflight} for s in self.stages],
+                        "u_s": s.u_s, "inflight": s.inflight, "remat": s.remat,
+                        "remat_extra_s": s.remat_extra_s, "remat_saved_bytes": s.remat_saved_bytes}
+                       for s in self.stages],
             "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
             "static_values": list(self.static_values),
             "num_args": self.num_args,
@@ -393,7 +409,9 @@ class Plan:
             stages=tuple(StageInfo(tuple(s["layers"]), tuple(s["submesh"]), tuple(s["devices"]),
                                    float(s["cost_s"]), float(s["memory_bytes"]),
                                    tuple(s.get("view", ())), float(s.get("t_s", 0.0)),
-                                   float(s.get("u_s", 0.0)), int(s.get("inflight", 1)))
+                                   float(s.get("u_s", 0.0)), int(s.get("inflight", 1)),
+                                   _flag(s.get("remat", False)), float(s.get("remat_extra_s", 0.0)),
+                                   float(s.get("remat_saved_bytes", 0.0)))  # absent in older files
                          for s in d["stages"]),
             static_argnums=tuple(d["static_argnums"]), donate_argnums=tuple(d["donate_argnums"]),
             static_values=tuple(str(v) for v in d.get("static_values", ())),
@@ -406,6 +424,12 @@ class Plan:
     def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:
         return replace(self, graph=graph if graph is not None else self.graph,
                        mesh=mesh if mesh is not None else self.mesh)
+
+
+def _flag(x: Any) -> bool:
+    if not isinstance(x, bool):
+        raise PlanFileError(f"plan file has remat={x!r}, not true or false: the file is corrupt")
+    return x
 
 
 def _collective_dict(c: PredictedCollective) -> dict[str, Any]:
