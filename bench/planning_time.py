@@ -122,7 +122,9 @@ def target_row(name: str) -> dict:
     rec = dict(target=name, devices=cluster.num_devices, plan_s=time.perf_counter() - t0, **plan.timings,
                status=plan.solver.status, predicted_step_s=plan.cost.total_s, note=plan.solver.note,
                microbatches=plan.pipeline.num_microbatches if plan.pipeline else 1,
-               stages=[dict(layers=list(s.layers), submesh=list(s.submesh), view=list(s.view or s.submesh))
+               stages=[dict(layers=list(s.layers), submesh=list(s.submesh), view=list(s.view or s.submesh),
+                            remat=s.remat, memory_bytes=s.memory_bytes, t_s=s.t_s,
+                            remat_extra_s=s.remat_extra_s, remat_saved_bytes=s.remat_saved_bytes)
                        for s in plan.stages])
     return rec
 
@@ -150,7 +152,8 @@ def _stages_text(stages: list[dict]) -> str:
         return f"1 stage: {tuple(stages[0]['view'])}"
     parts = [f"{s['layers'][0]}-{s['layers'][1]}: {tuple(s['view'])}" for s in stages[:4]]
     more = f" … ({len(stages)} stages)" if len(stages) > 4 else ""
-    return "; ".join(parts) + more
+    remat = sum(bool(s.get("remat")) for s in stages)
+    return "; ".join(parts) + more + (f"; {remat} of {len(stages)} stages recompute" if remat else "")
 
 
 if __name__ == "__main__":

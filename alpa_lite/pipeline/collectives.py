@@ -16,9 +16,10 @@ cotangent spec, backward), a value from outside the stage read in several specs 
 its first reader's), a cotangent arriving from a later stage in its activation's spec and
 constrained to the cotangent spec, and the transfers to the neighbours (kind ``send``: the
 logical bytes of each tensor, a share of 1/n per device of the sending stage, as the stage DP
-charges them). A recomputing stage (``StageSpan.remat``) runs each layer's forward collectives
-again in its backward program (the resharding between layers is not repeated: each layer's
-inputs are saved in the spec it reads them in). Every rule follows what ``stage`` emits.
+charges them). A recomputing stage (``StageSpan.remat``) runs again, in its backward program, each
+layer's forward collectives that the residuals depend on (``recomputed``; the resharding between
+layers is not repeated: each layer's inputs are saved in the spec it reads them in). Every rule
+follows what ``stage`` emits.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
             out += [_tag(c, p, "fwd", B, tag) for c in lc.fwd]
             out += [_tag(c, p, "bwd", B, tag) for c in lc.bwd]
             if span.remat:
-                out += [_tag(c, p, "bwd", B, f"{tag} recomputed") for c in lc.fwd]
+                out += [_tag(c, p, "bwd", B, f"{tag} recomputed") for c in recomputed(graphs[li], lc.fwd)]
             for c, pos in zip(lc.sync, lc.sync_pos):  # reduced as they come unless stacked
                 kept = _grad_weight(layers[li], graphs[li], pos) in stacked
                 out.append(_tag(c, p, "sync", 1, tag) if kept else _tag(c, p, "bwd", B, tag))
@@ -140,6 +141,23 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
         out += _joins(p, layers, sols, stage_of, made, vc, B)
         out += _sends(p, layers, stage_of, made, span.num_devices, B)
     return tuple(out)
+
+
+def recomputed(lg: Any, fwd: Sequence[PredictedCollective]) -> list[PredictedCollective]:
+    """The forward collectives a recomputation runs again: an op's own when the residuals depend
+    on the op (``LayerGraph.recomputed_ops``), an edge's when it leads from such an op into
+    another or into a backward op (a residual resharded for its reader); not one into an output."""
+    redo, bwd = lg.recomputed_ops(), set(lg.bwd_ops)
+    out = []
+    for c in fwd:
+        ids = [int(x) for x in _OP_RE.findall(c.where)]
+        if "→" in c.where:
+            keep = len(ids) > 1 and ids[0] in redo and (ids[1] in redo or ids[1] in bwd)
+        else:
+            keep = bool(ids) and ids[0] in redo
+        if keep:
+            out.append(c)
+    return out
 
 
 def _grad_weight(layer: Layer, lg: Any, pos: int) -> Any:

@@ -56,6 +56,20 @@ class LayerGraph:
     def grad_tensors(self) -> tuple[int, ...]:
         return self.graph.outputs[self.num_outputs:]
 
+    def recomputed_ops(self) -> frozenset[int]:
+        """The forward ops a recomputing stage runs again: those the residuals depend on (what
+        only makes the layer's outputs is dead code in the recomputation, and XLA drops it)."""
+        g, fwd = self.graph, set(self.fwd_ops)
+        out: set[int] = set()
+        todo = [g.producer[t] for t in self.residuals if t in g.producer]
+        while todo:
+            v = todo.pop()
+            if v in out or v not in fwd:
+                continue
+            out.add(v)
+            todo += [g.producer[t] for t in g.ops[v].operands if t in g.producer]
+        return frozenset(out)
+
     @property
     def weight_residuals(self) -> list[int]:
         """Input positions of the weights the backward half reads (passed to it again)."""
@@ -209,13 +223,16 @@ def layer_solution(layer: Layer, lg: LayerGraph, iop: IntraOpProblem, sol: IlpSo
 
 
 def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int]) -> float:
-    """Seconds of G's forward half under ``choice``, from the ILP's own terms: Σ over forward ops
-    of the chosen strategy's node cost (compute + its collectives) + Σ over edges into a forward op
-    of their resharding. Edges into the output sinks are left out (recomputation makes residuals,
-    not the layer's outputs). Every term is one of the objective's, so this is <= G's time."""
-    fwd = set(lg.fwd_ops)
-    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in fwd)
-    edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges if e.dst in fwd)
+    """Seconds a recomputation of G's forward half takes under ``choice``, from the ILP's own
+    terms: Σ over the forward ops the residuals depend on (``LayerGraph.recomputed_ops``) of the
+    chosen strategy's node cost (compute + its collectives) + Σ over edges out of those ops into
+    one of them or into a backward op (a residual resharded for its reader) of their resharding.
+    What only makes the layer's outputs is not run again. Every term is one of the objective's,
+    so this is <= G's time."""
+    redo, bwd = lg.recomputed_ops(), set(lg.bwd_ops)
+    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in redo)
+    edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges
+                if e.src in redo and (e.dst in redo or e.dst in bwd))
     return max(nodes + edges, 0.0)
 
 

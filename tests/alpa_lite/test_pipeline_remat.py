@@ -141,3 +141,27 @@ def test_cli_remat_flag(tmp_path, flag, want):
     stages = json.loads(path.read_text())["stages"]
     assert [s["remat"] for s in stages] == [want] * len(stages)
     assert ("recomputes: +" in res.output) == want
+
+
+def test_1f1b_with_remat_equals_unsharded():
+    from alpa_lite.pipeline.planner import plan_pipeline
+
+    fn, args = mlp_example(4)
+    plan = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=4, num_microbatches=4,
+                         schedule="1f1b", remat=True)
+    assert [s.inflight for s in plan.stages] == [4, 3, 2, 1] and all(plan.remat)
+    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, steps=2, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_gpt_pipeline_with_remat_equals_unsharded():
+    """The 4-block GPT (attention, layer norms, a tied embedding) with every stage recomputing."""
+    from examples import gpt
+
+    fn, args = gpt.make_example(gpt.GPTConfig(), batch=16)
+    plan = al.plan(fn, *args, mesh=make_mesh((2, 4), "auto"), cluster=CLUSTER, remat=True, **STAGES)
+    assert all(plan.remat)
+    report = plan.check(fn, *args)
+    print(report)
+    assert report.ok, report.flagged
+    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, steps=2, atol=1e-4)
