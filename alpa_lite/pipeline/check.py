@@ -221,7 +221,9 @@ def _merge_rows(per_stage: Sequence[Sequence[KindRow]]) -> tuple[KindRow, ...]:
 
 def _compiled_memory(progs: Sequence[ProgramCheck], ex: dict[str, Any], inflight: int) -> float:
     """The larger of forward and backward, plus the residuals of the other microbatches a stage
-    holds meanwhile (as ``PipelineRunner.compiled_memory`` and the memory test count it)."""
+    holds meanwhile (as ``PipelineRunner.compiled_memory`` and the memory test count it). For a
+    recomputing stage those are what its forward saves, its layers' inputs, and its backward's
+    temporaries hold the recomputed residuals: the same terms as the stage DP's remat memory."""
     res = ex["bwd"][1]
     per_mb = sum(_local_bytes(r) for r in jax.tree.leaves(res))
     peak = max(p.stats.memory_bytes for p in progs if p.name in ("fwd", "bwd"))

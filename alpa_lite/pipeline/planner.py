@@ -4,7 +4,8 @@
    cut the loss into L layers (``al.mark_layer`` boundaries, else FLOPs-balanced clustering).
 2. Solve every distinct layer's forward+backward with the intra-op ILP once per logical view
    (dp, tp) of every candidate sub-mesh shape (``layers``).
-3. Compose stage costs (t_i per microbatch, u_i per step, memory with in-flight activations) in
+3. Compose stage costs (t_i per microbatch, u_i per step, memory with in-flight activations;
+   per stage, keeping the activations or recomputing them, as ``remat`` allows) in
    ``dp_stages.stage_costs`` and run the stage DP (``stage_dp``; ``stage_dp_count`` when
    ``num_stages`` is given): T = Σ t_i + (B − 1)·max t_i + max u_i.
 4. B (``num_microbatches``) is chosen among powers of two dividing the batch when not given;
