@@ -174,9 +174,12 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                          min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static, mode)
 
     def one_stage() -> Plan:
+        if mode == "always" and best is None:
+            raise PlanningError(_NO_ONE_STAGE_REMAT + ": this step has no al.value_and_grad to pipeline")
         if mode == "always":
-            raise PlanningError(_NO_ONE_STAGE_REMAT + ("; no pipeline fits either" if best is not None else
-                                                       ": this step has no al.value_and_grad to pipeline"))
+            raise InfeasibleError(f"no pipeline with every stage recomputing fits {format_bytes(st.budget)} per "
+                                  f"device (microbatch counts tried: {', '.join(map(str, search.tried))}), and "
+                                  + _NO_ONE_STAGE_REMAT)
         progress("one-stage candidate")
         t1 = time.perf_counter()
         try:

@@ -104,6 +104,10 @@ def test_bad_remat_values_and_one_stage_plans():
 
     with pytest.raises(PlanningError, match="one-stage plans never recompute"):
         al.plan(no_vag, args[2], mesh=make_mesh((2, 4)), remat=True)
+    # stages left open: where no recomputing pipeline fits, no one-stage plan is offered instead
+    with pytest.raises(InfeasibleError, match="no pipeline with every stage recomputing fits.* one-stage plans never"):
+        al.plan(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, memory_budget=400e3, remat=True,
+                num_microbatches=4)
 
 
 def test_json_round_trip_and_older_files():
