@@ -84,6 +84,7 @@ def test_default_recomputes_where_keeping_misses_the_budget():
     assert all(s.compiled_memory_bytes <= budget for s in report.stages), str(report)
     text = plan.summary()
     assert "recomputes: +" in text and "/microbatch less" in text
+    assert "recomputes: +" in plan._repr_html_()
 
 
 def test_ample_memory_keeps_every_stage():
@@ -145,6 +146,8 @@ def test_cli_remat_flag(tmp_path, flag, want):
     stages = json.loads(path.read_text())["stages"]
     assert [s["remat"] for s in stages] == [want] * len(stages)
     assert ("recomputes: +" in res.output) == want
+    shown = CliRunner().invoke(cli, ["show", str(path)])
+    assert shown.exit_code == 0 and ("recomputes: +" in shown.output) == want
 
 
 def test_1f1b_with_remat_equals_unsharded():
