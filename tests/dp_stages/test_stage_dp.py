@@ -272,3 +272,22 @@ def test_bad_inputs_raise():
         stage_dp(make_input(np.ones((1, 1, 1)), N=2, M=4, submeshes=[(2, 2)]))
     with pytest.raises(ValueError, match="num_microbatches"):
         stage_dp(make_input(np.ones((1, 1, 2)), B=0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_caps_below_the_first_feasible_one_are_skipped_exactly(seed):
+    """Many cheap entries that no plan can use together (each layer alone on one device of four,
+    while covering the cluster needs a stage on more): the first cap with a plan lies far up the
+    ascending list, and the DP's answer is still brute force's."""
+    rng = np.random.default_rng(300 + seed)
+    shapes = submesh_shapes(1, 4)  # (1, 1), (1, 2), (1, 4)
+    L = 6
+    t = rng.uniform(5.0, 50.0, (L, L, len(shapes)))
+    # one device: a single layer only, cheap; but six one-layer stages need 6 > 4 devices
+    t[:, :, 0] = np.where(np.eye(L, dtype=bool), rng.uniform(0.01, 1.0, (L, L)), np.inf)
+    inp = make_input(t, N=1, M=4, B=1 + seed % 3 * 3)
+    cost, plan = stage_dp(inp)
+    want, _ = brute_force_stages(inp)
+    assert cost == pytest.approx(want, rel=1e-9)
+    assert_valid(inp, plan)
+    assert plan.t_max > 1.0  # the plan needed a cap above every cheap entry
