@@ -237,14 +237,19 @@ def _layer_step(tab: _Tables, rest: np.ndarray, cost: np.ndarray, i: int, pad: i
         allowed = np.arange(R)[:, None, None] <= tab.succ[i, i:, :][None]
     best = np.full((C, R, D + 1), np.inf)
     best_arg = np.zeros(best.shape, dtype=np.int64)
+    usable = np.isfinite(cost[:, i, i:, :]).any(axis=0)  # [K, S]: last layers k some mask allows
     for m in range(S):
+        ks = np.flatnonzero(usable[:, m])  # only these: most entries are inf (over memory)
+        if not ks.size:
+            continue
         lo = pad - int(tab.n_dev[m])  # column of d - n_dev[m]
-        # [C, R, K, D+1]: a stage of layers i..k on sub-mesh m, then the rest from k+1
-        tot = rest[..., lo : lo + D + 1] + cost[:, i, i:, m][:, None, :, None]
+        # [C, R, K', D+1]: a stage of layers i..i+k on sub-mesh m, then the rest from i+k+1
+        tot = rest[:, :, ks, lo : lo + D + 1] + cost[:, i, i + ks, m][:, None, :, None]
         if allowed is not None:
-            tot = np.where(allowed[None, :, :, m, None], tot, np.inf)
-        k = tot.argmin(axis=2)
-        val = np.take_along_axis(tot, k[:, :, None, :], axis=2)[:, :, 0, :]
+            tot = np.where(allowed[None][:, :, ks, m, None], tot, np.inf)
+        pick = tot.argmin(axis=2)
+        val = np.take_along_axis(tot, pick[:, :, None, :], axis=2)[:, :, 0, :]
+        k = ks[pick]
         better = val < best
         best = np.where(better, val, best)
         best_arg = np.where(better, k * S + m, best_arg)
