@@ -317,37 +317,65 @@ def _microbatch_counts(batch_size: int, given: int | None) -> list[int]:
 def _search_note(tried: Sequence[int], given: int | None) -> str:
     if given is not None:
         return f"B={given} as given"
-    return (f"microbatch counts tried: {', '.join(map(str, tried))} (the search stops at the first "
-            "count that does not improve, a heuristic)")
+    return (f"microbatch counts tried: {', '.join(map(str, tried))} (B = 1 and the largest count first, "
+            "then inward from the cheaper of the two until a count does not improve: a heuristic)")
 
 
 def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, given: int | None,
                          timings: dict[str, float], progress: Callable[[str], None],
                          search: _Search) -> Candidate | None:
-    """The best candidate over B = 1, 2, 4, ...; stops at the first B that does not improve
-    (each B solves the layers again: their shapes change); ``search`` gets each B tried and the
-    one-stage floor."""
+    """The best candidate over B = 1, 2, 4, ... (each B solves the layers again: their shapes
+    change), tried from both ends: B = 1 and the largest count, then inward from the cheaper of
+    the two (B = 1 on ties) until a count does not improve. A deep pipeline's best B is large
+    (its bubble shrinks with B), a shallow model's is 1: from B = 1 up, GPT-3 175B was solved
+    at all 7 counts. ``search`` gets each B tried and the one-stage floor."""
     leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in st.static])
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
-    best = None
     tick = time.perf_counter()
     traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
     _add_time(timings, "trace_s", tick)
-    for B in _microbatch_counts(batch_size, given):
+
+    def attempt(B: int) -> Candidate | None:
         search.tried.append(B)
         cand = _plan_for(fn, args, st, B, timings, traced, progress)
+        if cand is not None:
+            if cand.one_stage_floor is not None:
+                search.one_stage_floor = cand.one_stage_floor
+            log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
+        return cand
+
+    def floor_binds(cand: Candidate) -> bool:  # GPipe holds B microbatches: the same floor at every B
+        return cand.tables is None and st.schedule == "gpipe"
+
+    return search_counts(_microbatch_counts(batch_size, given), attempt, floor_binds)
+
+
+def search_counts(counts: Sequence[int], attempt: Callable[[int], Any],
+                  floor_binds: Callable[[Any], bool]) -> Any:
+    """The cheapest of ``attempt(B)`` (anything with a ``cost``; None stops the search with
+    None) over ``counts`` (ascending), tried from both ends: the first and the last, then inward
+    from the cheaper of the two (the first on ties) while each count improves on the best (or
+    nothing fits yet); ``floor_binds(candidate)``: no other count can fit either, stop."""
+    best = attempt(counts[0])
+    if best is None or len(counts) == 1 or floor_binds(best):
+        return best
+    last = attempt(counts[-1])
+    if last is None:
+        return None
+    inward = list(counts[1:-1])
+    if last.cost < best.cost:
+        best, inward = last, inward[::-1]
+    for B in inward:
+        cand = attempt(B)
         if cand is None:
             return None
-        if cand.one_stage_floor is not None:
-            search.one_stage_floor = cand.one_stage_floor
-        log.info("B=%d: %s stages, predicted %.4g s", B, len(cand.stages), cand.cost)
-        if best is None or cand.cost < best.cost:
+        if cand.cost < best.cost:
             best = cand
         elif np.isfinite(best.cost):
             break
-        if cand.tables is None and st.schedule == "gpipe":
-            break  # the floor does not fall with B under GPipe (B microbatches in flight)
+        if floor_binds(cand):
+            break
     return best
 
 

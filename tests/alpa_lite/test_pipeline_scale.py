@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 import textwrap
+from math import inf
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import alpa_lite as al
 from alpa_lite.ir.errors import InfeasibleError
 from alpa_lite.pipeline import planner as pipeline_planner
-from alpa_lite.pipeline.planner import plan_pipeline
+from alpa_lite.pipeline.planner import plan_pipeline, search_counts
 from tests.alpa_lite.test_pipeline_numerics import CLUSTER, mlp_example
 from tests.helpers import make_mesh
 
@@ -141,3 +143,42 @@ def test_solver_note_names_the_microbatch_counts_tried():
     assert "microbatch counts tried: 1, " in plan.solver.note and "a heuristic" in plan.solver.note
     given = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_stages=2, num_microbatches=4)
     assert "B=4 as given" in given.solver.note
+
+
+def _scripted(costs):
+    """``attempt`` for ``search_counts`` with a cost per count, recording the order tried."""
+    tried = []
+
+    def attempt(B):
+        tried.append(B)
+        return SimpleNamespace(cost=costs[B], B=B)
+
+    return attempt, tried
+
+
+COUNTS = [1, 2, 4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("costs, best, tried", [
+    # a deep pipeline: the bubble shrinks with B, the largest count wins after one more
+    ({1: 9.0, 2: 6.0, 4: 4.0, 8: 3.0, 16: 2.5, 32: 2.2, 64: 2.1}, 64, [1, 64, 32]),
+    # best in the middle, reached from the top
+    ({1: 9.0, 2: 6.0, 4: 4.0, 8: 3.0, 16: 2.5, 32: 2.6, 64: 2.8}, 16, [1, 64, 32, 16, 8]),
+    # one stage wins at B = 1: the largest count, then B = 2
+    ({1: 1.0, 2: 1.2, 4: 1.5, 8: 2.0, 16: 2.5, 32: 3.0, 64: 4.0}, 1, [1, 64, 2]),
+    # a tie between the ends goes to B = 1 and the search walks up
+    ({1: 3.0, 2: 2.0, 4: 2.5, 8: 5.0, 16: 5.0, 32: 5.0, 64: 3.0}, 2, [1, 64, 2, 4]),
+    # nothing fits at the ends (1F1B: more microbatches in flight at B = 1): every count is tried
+    ({1: inf, 2: inf, 4: 5.0, 8: 4.0, 16: 4.5, 32: inf, 64: inf}, 8, [1, 64, 2, 4, 8, 16]),
+])
+def test_microbatch_counts_are_searched_from_both_ends(costs, best, tried):
+    attempt, seen = _scripted(costs)
+    found = search_counts(COUNTS, attempt, lambda cand: False)
+    assert found.B == best and seen == tried
+
+
+def test_a_binding_memory_floor_stops_the_count_search_at_once():
+    attempt, seen = _scripted(dict.fromkeys(COUNTS, inf))
+    assert search_counts(COUNTS, attempt, lambda cand: True).B == 1 and seen == [1]
+    attempt, seen = _scripted({1: 2.0})
+    assert search_counts([1], attempt, lambda cand: False).B == 1 and seen == [1]
