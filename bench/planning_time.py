@@ -139,8 +139,8 @@ def run_targets(names: list[str]) -> dict:
                        ["target", "devices", "plan s", "trace s", "layer ILPs s", "stage DP s",
                         "one-stage candidate s", "status", "predicted step ms", "B", "stages (layers: view)"],
                        rows)
-    for r in recs:
-        if not r["stages"]:
+    for r in recs:  # the solver's note: microbatch counts tried, candidates not searched, or why none fits
+        if r["note"]:
             print(f"{r['target']}: {r['note']}")
     return dict(rows=recs, machine=common.machine())
 

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
+from alpa_lite.ir.errors import CutOffError
 from ilp.reduced import Simplified
 
 # A rounded plan is taken as optimal when its cost is within this fraction of the LP bound (the
@@ -118,15 +119,19 @@ def plan_cost(simple: Simplified, choice: dict[int, int]) -> float:
 
 
 def proven_by_lp(simple: Simplified, rows: list[dict[int, np.ndarray]], budget: float | None,
-                 fits: Callable[[dict[int, int]], bool]) -> LpProof | None:
+                 fits: Callable[[dict[int, int]], bool], cutoff: float | None = None) -> LpProof | None:
     """The optimum when the relaxation's is integral and ``fits(choice)`` (finite, within the
-    memory rows); None otherwise (CP-SAT decides)."""
+    memory rows); None otherwise (CP-SAT decides). Raises ``CutOffError`` when the relaxation's
+    bound passes ``cutoff``: no plan costs less (the bound is below every plan's cost)."""
     if not simple.costs:
         return None
     found = relaxation(simple, rows, budget)
     if found is None:
         return None
     x, bound, offset, (num_vars, num_cons) = found
+    if cutoff is not None and bound > cutoff:
+        raise CutOffError(f"no plan costs less than {bound:.6g} s (the LP relaxation's bound), above the "
+                          f"cutoff of {cutoff:.6g} s", bound, cutoff)
     choice = {}
     for v, c in simple.costs.items():
         s = x[offset[v]: offset[v] + c.size]

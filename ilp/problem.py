@@ -124,6 +124,9 @@ class IlpOptions:
     # The LP relaxation first (``ilp.lp_first``): an integral optimum ends the solve without
     # CP-SAT. Off to see CP-SAT's model (tests of its size) or CP-SAT's own search.
     lp_first: bool = True
+    # Abandon the solve (``CutOffError``) when the LP relaxation's bound on the objective, in
+    # seconds, passes this: the caller has a plan at least this fast (``ilp.lp_first``).
+    cutoff_s: float | None = None
     # Identical layers solved once (``ilp.symmetry``): refinement rounds (0: never tie), and the
     # smallest model (leader nodes after merging) worth it; small models solve exactly anyway.
     # Rounds = the radius (in edges) of the neighbourhood tied nodes share. Measured on GPT

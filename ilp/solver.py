@@ -161,7 +161,8 @@ def _search(simple: Simplified, rows: list, budget: float | None, options: IlpOp
     tick = time.perf_counter()
     proof = None
     if options.lp_first and reductions.lp_decides:
-        proof = proven_by_lp(simple, rows, budget, lambda choice: _fits(simple, rows, budget, choice))
+        proof = proven_by_lp(simple, rows, budget, lambda choice: _fits(simple, rows, budget, choice),
+                             options.cutoff_s)
         reductions.lp_decides = proof is not None
     if proof is not None:  # the relaxation's optimum is a plan: optimal, no search needed
         logger.info("LP relaxation integral in %.3f s (%d variables): optimal without CP-SAT",

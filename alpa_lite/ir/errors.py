@@ -23,6 +23,15 @@ class InfeasibleError(PlanningError):
     """No plan fits the memory budget; the message names the smallest memory that would fit."""
 
 
+class CutOffError(PlanningError):
+    """No plan can cost less than a cutoff the caller gave: a candidate that cannot win (the
+    one-stage plan beside a faster pipeline), abandoned before its search."""
+
+    def __init__(self, message: str, bound: float, cutoff: float) -> None:
+        super().__init__(message)
+        self.bound, self.cutoff = bound, cutoff
+
+
 class PlanFileError(PlanningError):
     """A plan file is corrupt, from another version, or for another input signature."""
 

@@ -40,7 +40,7 @@ import numpy as np
 from alpa_lite.intra.planner import plan_one_stage
 from alpa_lite.intra.roles import find_ties, out_example_of, resolve_mesh, state_and_batch
 from alpa_lite.ir.cluster import ClusterSpec
-from alpa_lite.ir.errors import InfeasibleError, PlanningError
+from alpa_lite.ir.errors import CutOffError, InfeasibleError, PlanningError
 from alpa_lite.ir.graph import OpGraph
 from alpa_lite.ir.specs import ShardingSpec
 from alpa_lite.pipeline.collectives import StageSpan, stage_collectives
@@ -173,7 +173,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
     st, mesh = _settings(fn, args, graph, mesh, cluster, memory_budget, num_stages, schedule, num_layers,
                          min(layer_time_limit_s, time_limit_s), logical_views, batch_argnums, static, mode)
 
-    def one_stage() -> Plan:
+    def one_stage(cutoff_s: float | None = None) -> Plan:
         if mode == "always" and best is None:
             raise PlanningError(_NO_ONE_STAGE_REMAT + ": this step has no al.value_and_grad to pipeline")
         if mode == "always":
@@ -185,7 +185,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         try:
             return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, memory_budget=memory_budget,
                                   batch_argnums=batch_argnums, static_argnums=static_argnums,
-                                  time_limit_s=time_limit_s, graph=graph)
+                                  time_limit_s=time_limit_s, graph=graph, cutoff_s=cutoff_s)
         finally:
             timings["one_stage_s"] = time.perf_counter() - t1
 
@@ -210,9 +210,9 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                 f"batch{_remat_hint(st)} or schedule='1f1b' (fewer microbatches in flight)")
         raise InfeasibleError(f"no {num_stages}-stage pipeline fits {st.budget:.4g} bytes per device: "
                               f"raise memory_budget{_remat_hint(st)}, use more microbatches or another num_stages")
-    one = None
+    one, cut = None, None
     if num_stages is None and compare_one_stage and one_fits and mode != "always":
-        one = _one_stage_or_none(one_stage)
+        one, cut = _one_stage_or_none(lambda: one_stage(best.cost))
         if one is not None and one.cost.total_s <= best.cost:
             note = (f"one stage chosen: the best pipeline ({len(best.stages)} stage(s), "
                     f"B={best.prog.num_microbatches}) is predicted at {best.cost * 1e3:.4g} ms; "
@@ -222,10 +222,14 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
             return replace(one, solver=replace(one.solver, note=note), timings=timings)
     timings["total_s"] = time.perf_counter() - t0
     note = _search_note(tried, num_microbatches)
+    if cut is not None:
+        note += (f"; one stage not searched: its ILP's LP relaxation bounds it at {cut.bound * 1e3:.4g} ms, above "
+                 f"the best pipeline's {cut.cutoff * 1e3:.4g} ms (a heuristic: the ILP charges a tensor moved for "
+                 "several readers once per reader, the plan once)")
     if num_stages is None and not one_fits:
         note += (f"; one stage not planned: it needs at least {format_bytes(search.one_stage_floor)} over all "
                  f"devices, more than the {format_bytes(st.capacity)} they hold")
-    return _assemble(args, graph, mesh, st, best, one, timings, note)
+    return _assemble(args, graph, mesh, st, best, one, timings, note, None if cut is None else cut.bound)
 
 
 def _nothing_fits(st: _Settings, one_floor: float, best: Candidate | None) -> str:
@@ -292,12 +296,17 @@ def _settings(fn: Callable[..., Any], args: Sequence[Any], graph: OpGraph, mesh:
                      views, static, tuple(state), tuple(batch), out), mesh
 
 
-def _one_stage_or_none(one_stage: Callable[[], Plan]) -> Plan | None:
+def _one_stage_or_none(one_stage: Callable[[], Plan]) -> tuple[Plan | None, CutOffError | None]:
+    """The one-stage candidate; or None, and the ``CutOffError`` when its ILP's LP relaxation
+    showed it slower than the best pipeline (not searched)."""
     try:
-        return one_stage()
+        return one_stage(), None
+    except CutOffError as e:  # the search would end above the best pipeline
+        log.info("one-stage candidate not searched: %s", e)
+        return None, e
     except PlanningError as e:  # no plan fits the budget, or none was found in time
         log.warning("no one-stage plan to compare with: %s", e)
-        return None
+        return None, None
 
 
 def _hosts(cluster: ClusterSpec) -> tuple[int, int]:
@@ -707,7 +716,8 @@ def place_stages(shapes: Sequence[tuple[int, int]], hosts: int, per_host: int) -
 
 
 def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: Candidate,
-              one: Plan | None, timings: dict[str, float], search_note: str) -> Plan:
+              one: Plan | None, timings: dict[str, float], search_note: str,
+              one_bound_s: float | None = None) -> Plan:
     B = c.prog.num_microbatches
     tab, dpi = c.tables, c.tables.dp_input
     shapes = [c.submeshes[s] for _, _, s in c.stages]
@@ -732,7 +742,7 @@ def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: 
     info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
                         None if one is None else one.cost.total_s,
                         tuple(layer.first_eqn for layer in c.layers), c.prog.batch_leaves,
-                        c.prog.state_leaves, tuple(layer_plans))
+                        c.prog.state_leaves, tuple(layer_plans), one_bound_s)
     in_specs = _input_specs(c, graph, layer_plans)
     sols = {id(x): x for x in c.sols.values()}.values()
     worst = "OPTIMAL" if all(x.status == "OPTIMAL" for x in sols) else "FEASIBLE"

@@ -27,6 +27,9 @@ def pipeline_summary(plan: Any) -> str:
     if p.one_stage_s is not None:
         lines.append(f"  best one-stage plan: {_s(p.one_stage_s)} "
                      f"({p.one_stage_s / p.step_s:.2f}× the pipeline)")
+    elif p.one_stage_bound_s is not None:
+        lines.append(f"  one-stage plan: at least {_s(p.one_stage_bound_s)} "
+                     f"({p.one_stage_bound_s / p.step_s:.2f}× the pipeline; its ILP's LP bound, not searched)")
     lines.append(f"  {'stage':<6}{'layers':<10}{'sub-mesh':<10}{'view dp×tp':<12}{'devices':<22}"
                  f"{'t_i':>12}{'u_i':>12}{'memory':>12}{'in flight':>11}{'wire/step':>12}{'sync':>12}")
     for i, s in enumerate(plan.stages):

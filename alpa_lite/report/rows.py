@@ -180,6 +180,9 @@ def pipeline_text(plan: Any) -> str:
             f"{p.num_microbatches - 1}·{fmt_s(max(t, default=0.0))} + {fmt_s(u)} = {fmt_s(p.step_s)}")
     if getattr(p, "one_stage_s", None):
         text += f"; the best one-stage plan: {fmt_s(p.one_stage_s)} ({p.one_stage_s / p.step_s:.2f}×)"
+    elif getattr(p, "one_stage_bound_s", None):
+        text += (f"; one stage: at least {fmt_s(p.one_stage_bound_s)} ({p.one_stage_bound_s / p.step_s:.2f}×, "
+                 "its ILP's LP bound, not searched)")
     return text + "\n  " + remat_summary(plan)
 
 

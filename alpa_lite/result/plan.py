@@ -137,10 +137,13 @@ class PipelineInfo:
     batch_leaves: tuple[int, ...]  # flat inputs split into microbatches
     state_leaves: tuple[int, ...]  # flat inputs of the carried state
     layer_plans: tuple[LayerPlan, ...]
+    # When the one-stage plan was not searched: a lower bound on its step (its ILP's LP
+    # relaxation), above ``step_s`` (``alpa_lite.pipeline.planner``).
+    one_stage_bound_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("num_microbatches", "schedule", "step_s",
-                                           "bubble_fraction", "one_stage_s")}
+                                           "bubble_fraction", "one_stage_s", "one_stage_bound_s")}
         d.update(layer_starts=list(self.layer_starts), batch_leaves=list(self.batch_leaves),
                  state_leaves=list(self.state_leaves),
                  layer_plans=[lp.to_dict() for lp in self.layer_plans])
@@ -153,7 +156,8 @@ class PipelineInfo:
                    float(d["bubble_fraction"]), None if one is None else float(one),
                    tuple(int(x) for x in d["layer_starts"]), tuple(int(x) for x in d["batch_leaves"]),
                    tuple(int(x) for x in d["state_leaves"]),
-                   tuple(LayerPlan.from_dict(x) for x in d["layer_plans"]))
+                   tuple(LayerPlan.from_dict(x) for x in d["layer_plans"]),
+                   None if d.get("one_stage_bound_s") is None else float(d["one_stage_bound_s"]))
 
 
 def _layouts_out(layouts: Sequence[OpLayout]) -> list[Any]:

@@ -94,3 +94,23 @@ def test_a_relaxation_that_did_not_decide_is_not_solved_again_for_the_same_probl
     tree = problem([[0.0, 1.0], [1.0, 0.0]], [(0, 1, [[0.0, 2.0], [2.0, 0.5]])])
     assert solve(tree, options, kept).objective == brute_force(tree)[1]
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_cutoff_below_the_lp_bound_abandons_the_solve_and_one_above_changes_nothing(seed):
+    """``IlpOptions.cutoff_s``: the caller has a plan this fast. The LP relaxation's bound is a
+    lower bound on every plan, so once it passes the cutoff no plan can win: ``CutOffError``
+    (carrying the bound); a cutoff above the optimum leaves the solve as it was."""
+    from dataclasses import replace
+
+    from alpa_lite.ir.errors import CutOffError
+
+    prob = random_cycle(6, 3, seed)
+    options = IlpOptions(merge_followers=False, eliminate=False)
+    plain = solve(prob, options)
+    _, best = brute_force(prob)
+    with pytest.raises(CutOffError) as cut:
+        solve(prob, replace(options, cutoff_s=0.5 * best))
+    assert 0.5 * best < cut.value.bound <= best + 1e-9 and cut.value.cutoff == 0.5 * best
+    above = solve(prob, replace(options, cutoff_s=1.01 * best))
+    assert above.choice == plain.choice and above.objective == pytest.approx(best, rel=1e-9)
