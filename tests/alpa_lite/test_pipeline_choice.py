@@ -53,6 +53,9 @@ def test_slow_cross_host_link_picks_a_pipeline_inside_hosts(slower):
     assert plan.pipeline.one_stage_s is None and "one stage not searched" in plan.solver.note
     one = al.plan(fn, *args, mesh=ONE_D, cluster=cluster, num_stages=1, time_limit_s=60)
     assert plan.pipeline.one_stage_bound_s <= one.cost.total_s * (1 + 1e-9)
+    again = type(plan).from_json(plan.to_json()).pipeline
+    assert again.one_stage_bound_s == plan.pipeline.one_stage_bound_s and again.one_stage_s is None
+    assert "one-stage plan: at least" in plan.summary()
 
 
 def test_uniform_fast_link_keeps_one_stage_for_a_shallow_mlp():
