@@ -41,7 +41,8 @@ import click
 from alpa_lite.ir.cluster import ClusterSpec, parse_mesh
 from alpa_lite.ir.errors import PlanningError
 
-METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp")  # = alpa_lite.intra.planner.METHODS
+# = alpa_lite.intra.planner.METHODS
+METHODS = ("auto", "data_parallel", "zero3", "megatron", "dp_tp", "expert_parallel")
 REMAT_CHOICES = {"auto": None, "never": False, "always": True}  # --remat → al.plan's remat
 MAX_FORCED_DEVICES = 256  # more fake CPU devices than this costs start-up time for no use
 _COUNT_FLAG = "xla_force_host_platform_device_count"

@@ -2,7 +2,7 @@
 
 ``problem`` (strategy graph → ``ilp.IlpProblem``: edges, memory rows), ``liveness`` (what is
 alive at each program point), ``follow`` (ops that follow one operand), ``fit`` (solve within
-the memory budget, rows added as needed), ``baselines`` (data_parallel, zero3, megatron, dp_tp as
+the memory budget, rows added as needed), ``baselines`` (data_parallel, zero3, megatron, dp_tp, expert_parallel as
 strategy masks), ``scan`` (a scan's strategies from solving its body; the ``lax.scan_p`` rule),
 ``roles`` (carried state, batch, the mesh), ``assemble`` (a solution → ``Plan``) and ``planner``
 (the one-stage planner).

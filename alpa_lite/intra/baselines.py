@@ -12,6 +12,13 @@ baseline only removes choices, auto's modelled cost can never exceed a baseline'
   used in place by the matmuls (never gathered)
   over every axis, in the order the forward pass first uses them; other state replicated.
 - dp_tp (2-D meshes): batch split over the first axis, Megatron over the last.
+- expert_parallel (models with stacked experts), as DeepSpeed-MoE runs it: expert weights
+  split along their expert dim over the mesh axes whose product is the largest that divides it
+  (every axis when the expert count allows; the rest of the mesh then holds expert replicas,
+  DeepSpeed's expert-data parallelism), batch as data_parallel, every other weight replicated
+  (gradients all-reduced); matmuls use weights as stored, so tokens meet their experts in
+  all-to-alls. An expert dim is a dim of a weight that a matmul reads as a batch dim
+  (``einsum('egcm,emh->egch')``: e); a model without one raises a PlanningError.
 
 A KV cache (state written by a ``dynamic_update_slice``, laid out [batch, ctx, heads, head_dim])
 follows serving practice: split by heads over the tensor-parallel axes (Megatron-LM and vLLM
@@ -21,14 +28,18 @@ data-parallel axes; ZeRO-3 treats it as data-parallel does (a cache is per seque
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from itertools import combinations
 
 from alpa_lite.ir.errors import PlanningError
 from alpa_lite.ir.graph import OpGraph, TensorInfo
 from alpa_lite.ir.specs import ShardingSpec
 from cost_model.builder import StrategyGraph
 
-BASELINES = ("data_parallel", "zero3", "megatron", "dp_tp")
+BASELINES = ("data_parallel", "zero3", "megatron", "dp_tp")  # apply to every model
+EXPERT_BASELINES = ("expert_parallel",)  # models with stacked experts only
+HAND_PLANS = (*BASELINES, *EXPERT_BASELINES)
 _LAYOUT_OPS = {"transpose", "convert", "reshape", "copy", "broadcast"}
 
 
@@ -80,9 +91,11 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
     parameter input it mirrors (same tree path and shape), which shares its layout. Inputs the
     strategy would split but no dimension of which divides by the mesh axes stay replicated;
     ``unsplit``, when given, receives one message for each."""
-    if method not in BASELINES:
-        raise PlanningError(f"unknown method {method!r}; choose 'auto' or one of {BASELINES}")
+    if method not in HAND_PLANS:
+        raise PlanningError(f"unknown method {method!r}; choose 'auto' or one of {HAND_PLANS}")
     axes = [a for a in axis_names if sizes[a] > 1]
+    if method == "expert_parallel":
+        return _expert_parallel_specs(graph, sizes, axes, state_inputs, batch_inputs, state_groups, unsplit)
     if method == "dp_tp" and len(axes) < 2:
         raise PlanningError("method 'dp_tp' needs a 2-D mesh (data axis × model axis); "
                             f"this mesh has axes {dict(sizes)}")
@@ -119,6 +132,66 @@ def baseline_input_specs(method: str, graph: OpGraph, sizes: Mapping[str, int],
     return specs
 
 
+def expert_dims(graph: OpGraph, state_inputs: Sequence[int]) -> dict[int, int]:
+    """Flat state position → its expert dim: the dim of the stored weight that a ``dot`` reads as
+    a batch dim (``einsum('egcm,emh->egch')`` reads wi (E, M, H) with e batched: dim 0). Weights
+    are followed through element-wise layout ops (convert, copy) and transposes (dim k of a
+    transpose's output is dim ``permutation[k]`` of its operand)."""
+    derived = {graph.inputs[i]: (i, tuple(range(graph.tensors[graph.inputs[i]].rank))) for i in state_inputs}
+    found: dict[int, int] = {}
+    for op in graph.ops:
+        src = derived.get(op.operands[0]) if op.operands else None
+        if src is not None and op.kind in ("convert", "copy", "transpose"):
+            perm = op.params["permutation"] if op.kind == "transpose" else range(len(src[1]))
+            derived[op.outputs[0]] = (src[0], tuple(src[1][p] for p in perm))
+        if op.kind == "dot":
+            batch_dims = op.params["dimension_numbers"][1]
+            for k, t in enumerate(op.operands[:2]):
+                if t in derived and batch_dims[k]:
+                    i, dims = derived[t]
+                    found.setdefault(i, dims[batch_dims[k][0]])
+    return found
+
+
+def _divisor_axes(n: int, axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The axes (in mesh order) whose product is the largest dividing ``n``; on a tie the later
+    (faster, intra-host) axes."""
+    best: tuple[str, ...] = ()
+    for r in range(1, len(axes) + 1):
+        for sub in combinations(axes, r):
+            prod = math.prod(sizes[a] for a in sub)
+            if n % prod == 0 and prod >= math.prod(sizes[a] for a in best):
+                best = sub
+    return best
+
+
+def _expert_parallel_specs(graph: OpGraph, sizes: Mapping[str, int], axes: Sequence[str],
+                           state_inputs: Sequence[int], batch_inputs: Sequence[int],
+                           state_groups: Mapping[int, int], unsplit: list[str] | None) -> dict[int, ShardingSpec]:
+    """DeepSpeed-MoE's layout: batch dim 0 over every axis; each expert weight (and the optimizer
+    state mirroring it) split along its expert dim over ``_divisor_axes``; all else replicated."""
+    experts = expert_dims(graph, [state_groups.get(i, i) for i in state_inputs])
+    if not experts:
+        raise PlanningError("method 'expert_parallel' needs stacked expert weights (a weight dim that a "
+                            "matmul reads as a batch dim, e.g. wi (E, M, H) in einsum('egcm,emh->egch')); "
+                            "this model has none")
+    tensors = graph.tensors
+    specs = {i: _split_dim(tensors[graph.inputs[i]], 0, axes, sizes) if tensors[graph.inputs[i]].rank
+             else ShardingSpec(()) for i in batch_inputs}
+    for i in state_inputs:
+        t = tensors[graph.inputs[i]]
+        dim = experts.get(state_groups.get(i, i))
+        specs[i] = (ShardingSpec.replicated(t.rank) if dim is None
+                    else _split_dim(t, dim, _divisor_axes(t.shape[dim], axes, sizes), sizes))
+    if unsplit is not None:
+        unsplit.extend(f"expert_parallel: input {i} {tensors[graph.inputs[i]].dtype}"
+                       f"{list(tensors[graph.inputs[i]].shape)} does not divide by any mesh axis "
+                       f"{dict(sizes)}: left replicated"
+                       for i in [*batch_inputs, *experts] if axes and tensors[graph.inputs[i]].rank
+                       and not specs[i].axes_used())
+    return specs
+
+
 def cache_inputs(graph: OpGraph, state_inputs: Sequence[int]) -> set[int]:
     """Flat state positions written in place by a ``dynamic_update_slice``: KV caches."""
     updated = {op.operands[0] for op in graph.ops if op.kind == "dynamic-update-slice"}
@@ -148,9 +221,9 @@ def baseline_masks(method: str, sgraph: StrategyGraph,
         if not any(masks[op]):
             raise PlanningError(f"baseline {method!r} wants input {i} as {spec}, which the mesh "
                                 "cannot hold")
-    if method in ("zero3", "megatron", "dp_tp"):
-        # Matmuls read parameters as stored: ZeRO-3 gathers them whole first; Megatron uses
-        # its shards in place (no weight moves). Track the stored spec through transposes.
+    if method in ("zero3", "megatron", "dp_tp", "expert_parallel"):
+        # Matmuls read parameters as stored: ZeRO-3 gathers them whole first; Megatron and
+        # expert parallelism use their shards in place (no weight moves). Track the stored spec through transposes.
         derived = {g.inputs[i]: (ShardingSpec.replicated(g.tensors[g.inputs[i]].rank)
                                  if method == "zero3" else input_specs[i]) for i in state_inputs}
         for op in g.ops:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from alpa_lite.intra.assemble import assemble_plan
-from alpa_lite.intra.baselines import BASELINES, baseline_input_specs, baseline_masks
+from alpa_lite.intra.baselines import HAND_PLANS, baseline_input_specs, baseline_masks
 from alpa_lite.intra.fit import solve_within_budget
 from alpa_lite.intra.problem import IntraOpProblem, build_problem
 from alpa_lite.intra.roles import find_ties, out_example_of, resolve_mesh, state_and_batch, state_groups
@@ -31,7 +31,7 @@ from ilp import IlpOptions, IlpSolution, NoSolutionError
 from ilp.problem import DETERMINISTIC_SHARE
 
 log = logging.getLogger("alpa_lite.intra.planner")
-METHODS = ("auto", *BASELINES)
+METHODS = ("auto", *HAND_PLANS)
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,12 @@ def _ilp_options(time_limit_s: float) -> IlpOptions:
 
 def _fallback_to_baseline(sgraph: StrategyGraph, step: TracedStep, budget: float,
                           time_limit_s: float) -> tuple[IntraOpProblem, IlpSolution, str]:
-    """The cheapest hand strategy that solves: (problem, solution, baseline name)."""
+    """The cheapest hand strategy that solves: (problem, solution, baseline name). A hand plan
+    that does not apply (dp_tp on a 1-D mesh, expert_parallel without experts) is skipped."""
     state, batch = step.state_and_batch()
     groups = step.state_groups()
     best = None
-    for m in BASELINES:
+    for m in HAND_PLANS:
         try:
             specs = baseline_input_specs(m, step.graph, sgraph.cluster.axis_sizes, sgraph.cluster.axis_names,
                                          state, batch, groups)
