@@ -7,16 +7,19 @@ expert-parallel hand plan, and Wide-ResNet against data parallel, on 8-64 GPUs o
 Shapes follow Alpa's Table 4 (Zheng et al., OSDI'22) and its benchmark suite, as recalled here
 (no copy of the table was at hand to check against; parameter counts are computed and printed):
 
-- GShard MoE (``examples/moe_gpt.py``): sequence 1024, vocabulary 32,000, global batch 1024
-  sequences, GShard groups of 2048 tokens, top-2 gating (capacity 2·2048/E), FFN width 8·hidden
-  for dense and expert FFNs, every other block MoE. (hidden, layers, heads, experts, GPUs):
+- GShard MoE (``examples/moe_gpt.py``): sequence 1024, vocabulary 32,000, GShard groups of
+  2048 tokens, top-2 gating (capacity 2·2048/E), FFN width 8·hidden for dense and expert FFNs,
+  every other block MoE. (hidden, layers, heads, experts, GPUs):
   2.4B (1024, 16, 16, 16, 8), 10B (1536, 16, 16, 32, 16), 27B (2048, 16, 32, 48, 32),
-  70B (2048, 32, 32, 64, 64).
-- Wide-ResNet (``examples/wide_resnet_bottleneck.py``): 224×224 images, 1000 classes, global
-  batch 1536. (layers, base channels, width factor, GPUs): 2B (50, 448, 2, 8), 4B (50, 640, 2,
-  16), 6.8B (50, 320, 8, 32), 13B (101, 384, 8, 64). The first two are the paper's; for the last
+  70B (2048, 32, 32, 64, 64; over 7 minutes to plan on the 2-core machine, see bench/README.md).
+- Wide-ResNet (``examples/wide_resnet_bottleneck.py``): 224×224 images, 1000 classes.
+  (layers, base channels, width factor, GPUs): 2B (50, 448, 2, 8), 4B (50, 640, 2,
+  16), 6.8B (50, 320, 8, 32), 13B (101, 384, 8, 64). The first two use the widths recalled; for the last
   two this block gives 21.8B and 25.6B with the widths recalled from the paper (320 channels,
   width 16), so the width factor is set to land on the paper's parameter counts.
+- Batch: the paper's steps are 1024 sequences and 1536 images, with pipelining or gradient
+  accumulation; one-stage plans have neither, so a step here is ``MOE_PER_GPU`` sequences or
+  ``WRN_PER_GPU`` images per GPU.
 
 Both models compute in bf16 with fp32 master weights and optimizer state (MoE: Adam, 16 B per
 parameter; Wide-ResNet: SGD with momentum, 12 B). Every row is planned on an ``AbstractMesh``
