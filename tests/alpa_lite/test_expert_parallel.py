@@ -52,3 +52,14 @@ def test_expert_parallel_on_a_dense_model_says_why():
     fn, args = mlp_example(batch=16, hidden=32, dim=16, layers=2)
     with pytest.raises(PlanningError, match="needs stacked expert weights"):
         al.plan(fn, *args, mesh=make_mesh((8,)), method="expert_parallel")
+
+
+def test_experts_split_over_the_largest_axes_that_divide_them():
+    """4 experts on a 2×4 mesh: all 8 devices do not divide 4, so the experts split over y (4, the
+    larger of x and y that does) and x holds replicas (DeepSpeed's expert-data parallelism);
+    tokens still split over both axes."""
+    fn, args = make_example(MoeConfig(groups=8, group_size=16, model=32, hidden=64, experts=4, top_k=2))
+    plan = al.plan(fn, *args, mesh=make_mesh((2, 4)), method="expert_parallel")
+    assert plan.in_specs[0]["wi"] == P("y") and plan.in_specs[0]["wo"] == P("y"), plan.in_specs[0]
+    assert plan.in_specs[2] == P(("x", "y"))
+    assert not plan.warnings, plan.warnings
