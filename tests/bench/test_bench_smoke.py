@@ -104,3 +104,43 @@ def test_alpa_cases_flop_count_matches_the_traced_step(family):
     graph = trace(fn, *args)
     traced = sum(op.flops for op in graph.ops if op.kind in ("dot", "convolution"))
     assert traced == pytest.approx(case.flops, rel=0.12)
+
+
+def test_sc21_auto_tiny_row():
+    """bench.sc21_auto on its made-up tiny GPT (8 dgx-a100 GPUs): TFLOP/s by the paper's eq. 3
+    from the predicted step, and stages that cover every layer and every GPU exactly once."""
+    from bench import sc21_auto
+
+    rec = sc21_auto.one_row("tiny")
+    a = rec["auto"]
+    assert a["status"] in ("OPTIMAL", "FEASIBLE"), a
+    h, n, b, s, v, gpus = 64, 2, 4, 32, 512, 8  # TINY, written out
+    flops = 96 * b * s * n * h * h * (1 + s / (6 * h) + v / (16 * n * h))
+    assert rec["eq3_flops"] == pytest.approx(flops)
+    assert a["step_s"] > 0 and a["tflops"] == pytest.approx(flops / (a["step_s"] * gpus) / 1e12)
+    spans = [tuple(st["layers"]) for st in a["stages"]]
+    assert spans[0][0] == 0 and spans[-1][1] == n - 1
+    assert all(lo <= hi and hi + 1 == nxt for (lo, hi), (nxt, _) in zip(spans, spans[1:], strict=False))
+    assert sum(st["devices"] for st in a["stages"]) == gpus
+    assert all(st["view"][0] * st["view"][-1] == st["devices"] for st in a["stages"])
+    assert 1 <= a["num_microbatches"] <= b and rec["megatron"] is None  # no published configuration
+
+
+def test_sc21_auto_megatron_interleaved_step():
+    """76.1B's interleaved schedule (3 chunks): a third of 1F1B's bubble, 3 boundary transfers per
+    microbatch per stage; rows without chunks keep predict's step."""
+    from bench import sc21_auto
+
+    r76, r39 = sc21_auto.ROWS["76.1B"], sc21_auto.ROWS["39.1B"]
+    assert (r76.tp, r76.pp, r76.dp, r76.num_microbatches) == (8, 4, 32, 28)  # 1792 / (32 · 2)
+    pred = {"step_s": 10.0, "bubble_s": 1.5, "p2p_s": 0.001}
+    assert sc21_auto.megatron_step(r76, pred) == pytest.approx(10.0 - 1.0 + 2 * 0.001 * 28)
+    assert sc21_auto.megatron_step(r39, pred) == pytest.approx(10.0)
+
+
+def test_sc21_auto_stage_summary():
+    st = lambda lo, hi, view: {"layers": [lo, hi], "view": view}  # noqa: E731
+    stages = [st(0, 0, [8, 1]), *(st(1 + 3 * i, 3 + 3 * i, [4, 8]) for i in range(3)), st(10, 10, [2, 8])]
+    from bench import sc21_auto
+
+    assert sc21_auto.stages_text(stages) == "1×1L(8,1) + 3×3L(4,8) + 1×1L(2,8)"
