@@ -108,6 +108,8 @@ def tflops_per_gpu(s: Shape, step_s: float) -> float:
 
 
 def _stage_record(st: Any) -> dict[str, Any]:
+    # A pipeline stage's view is its logical (dp, tp); a one-stage plan has none and shows its
+    # mesh shape (hosts, devices per host), on which the ILP may split over either axis.
     return dict(layers=list(st.layers), submesh=list(st.submesh), view=list(st.view or st.submesh),
                 devices=len(st.devices), remat=st.remat, t_s=st.t_s, u_s=st.u_s,
                 memory_bytes=st.memory_bytes, remat_extra_s=st.remat_extra_s)
