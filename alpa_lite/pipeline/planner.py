@@ -357,7 +357,20 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
     def floor_binds(cand: Candidate) -> bool:  # GPipe holds B microbatches: the same floor at every B
         return cand.tables is None and st.schedule == "gpipe"
 
-    return search_counts(_microbatch_counts(batch_size, given), attempt, floor_binds)
+    best = search_counts(_microbatch_counts(batch_size, given), attempt, floor_binds)
+    if best is not None and 1 not in search.tried and st.num_stages is None and st.remat != "always":
+        # B = 1 not tried (B given): its trace alone gives the one-stage floor, so that a
+        # one-stage candidate that cannot fit is not planned (its ILP takes minutes to prove it;
+        # with every stage recomputing, one stage is never a candidate)
+        tick = time.perf_counter()
+        progress("pipeline B=1: tracing for the one-stage memory floor")
+        traced_one = _trace_layers(fn, args, st, 1, traced)
+        if traced_one is not None:
+            prog, layers, sigs, graphs = traced_one
+            search.one_stage_floor = one_stage_floor(layers, [graphs[s] for s in sigs],
+                                                     _weight_factor(prog, args, st))
+        _add_time(timings, "trace_s", tick)
+    return best
 
 
 def search_counts(counts: Sequence[int], attempt: Callable[[int], Any],
@@ -394,10 +407,10 @@ def _add_time(timings: dict[str, float], key: str, since: float) -> float:
     return now
 
 
-def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int, timings: dict[str, float],
-              traced: TracedStep, progress: Callable[[str], None]) -> Candidate | None:
-    tick = time.perf_counter()
-    progress(f"pipeline B={B}: tracing a microbatch")
+def _trace_layers(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int, traced: TracedStep
+                  ) -> tuple[StepProgram, list[Layer], list[str], dict[str, LayerGraph]] | None:
+    """The step split for B microbatches, its loss cut into layers, each layer's signature and
+    each distinct layer's graph; None when the step has no ``al.value_and_grad`` to split."""
     prog = split_step(fn, args, st.static, st.state, st.batch, B, traced)
     if prog is None:
         return None
@@ -411,6 +424,17 @@ def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int
     for layer, sig in zip(layers, sigs):
         if sig not in graphs:
             graphs[sig] = layer_graph(layer, weights)
+    return prog, layers, sigs, graphs
+
+
+def _plan_for(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, B: int, timings: dict[str, float],
+              traced: TracedStep, progress: Callable[[str], None]) -> Candidate | None:
+    tick = time.perf_counter()
+    progress(f"pipeline B={B}: tracing a microbatch")
+    found = _trace_layers(fn, args, st, B, traced)
+    if found is None:
+        return None
+    prog, layers, sigs, graphs = found
     tick = _add_time(timings, "trace_s", tick)
     submeshes, sub_views, views = _candidate_views(st)
     factor = _weight_factor(prog, args, st)

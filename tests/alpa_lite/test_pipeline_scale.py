@@ -182,3 +182,16 @@ def test_a_binding_memory_floor_stops_the_count_search_at_once():
     assert search_counts(COUNTS, attempt, lambda cand: True).B == 1 and seen == [1]
     attempt, seen = _scripted({1: 2.0})
     assert search_counts([1], attempt, lambda cand: False).B == 1 and seen == [1]
+
+
+def test_one_stage_floor_is_computed_when_microbatches_are_given(monkeypatch):
+    """With ``num_microbatches`` given, B = 1 is not searched; its trace alone still gives the
+    one-stage floor, so a one-stage candidate that cannot fit is not planned (on a 39B GPT its ILP
+    took 380 s to prove as much). Here the floor is made to pass what the cluster holds."""
+    fn, args = mlp_example(3)
+    seen = []
+    monkeypatch.setattr(pipeline_planner, "one_stage_floor", lambda *a: seen.append(a) or 1e30)
+    monkeypatch.setattr(pipeline_planner, "plan_one_stage", lambda *a, **k: pytest.fail("planned one stage"))
+    plan = plan_pipeline(fn, *args, mesh=make_mesh((2, 4)), cluster=CLUSTER, num_microbatches=2)
+    assert len(seen) == 1 and plan.pipeline is not None
+    assert "one stage not planned: it needs at least" in plan.solver.note
