@@ -145,17 +145,13 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
 
 def recomputed(lg: Any, fwd: Sequence[PredictedCollective]) -> list[PredictedCollective]:
     """The forward collectives a recomputation runs again: an op's own when the residuals depend
-    on the op (``LayerGraph.recomputed_ops``), an edge's when it leads from such an op into
-    another or into a backward op (a residual resharded for its reader); not one into an output."""
-    redo, bwd = lg.recomputed_ops(), set(lg.bwd_ops)
+    on the op, an edge's when it leads from such an op into another or into a backward op
+    (``LayerGraph.reruns``, the rule ``layers.forward_time`` prices)."""
     out = []
     for c in fwd:
         ids = [int(x) for x in _OP_RE.findall(c.where)]
-        if "→" in c.where:
-            keep = len(ids) > 1 and ids[0] in redo and (ids[1] in redo or ids[1] in bwd)
-        else:
-            keep = bool(ids) and ids[0] in redo
-        if keep:
+        edge = "→" in c.where
+        if len(ids) > edge and lg.reruns(ids[0], ids[1] if edge else None):
             out.append(c)
     return out
 

@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from alpa_lite.intra.assemble import assemble_plan  # the one-stage plan assembly, reused
@@ -56,6 +57,7 @@ class LayerGraph:
     def grad_tensors(self) -> tuple[int, ...]:
         return self.graph.outputs[self.num_outputs:]
 
+    @cached_property
     def recomputed_ops(self) -> frozenset[int]:
         """The forward ops a recomputing stage runs again: those the residuals depend on (what
         only makes the layer's outputs is dead code in the recomputation, and XLA drops it)."""
@@ -69,6 +71,18 @@ class LayerGraph:
             out.add(v)
             todo += [g.producer[t] for t in g.ops[v].operands if t in g.producer]
         return frozenset(out)
+
+    def reruns(self, src: int, dst: int | None = None) -> bool:
+        """Whether a recomputation runs op ``src`` again (``dst`` None), or the resharding on the
+        edge from ``src`` to ``dst``: out of a recomputed op into another, or into a backward op
+        (a residual resharded for its reader); not one into an output."""
+        if src not in self.recomputed_ops:
+            return False
+        return dst is None or dst in self.recomputed_ops or dst in self._bwd_set
+
+    @cached_property
+    def _bwd_set(self) -> frozenset[int]:
+        return frozenset(self.bwd_ops)
 
     @property
     def weight_residuals(self) -> list[int]:
@@ -229,10 +243,9 @@ def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int]) -> 
     one of them or into a backward op (a residual resharded for its reader) of their resharding.
     What only makes the layer's outputs is not run again. Every term is one of the objective's,
     so this is <= G's time."""
-    redo, bwd = lg.recomputed_ops(), set(lg.bwd_ops)
-    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in redo)
+    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in lg.recomputed_ops)
     edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges
-                if e.src in redo and (e.dst in redo or e.dst in bwd))
+                if lg.reruns(e.src, e.dst))
     return max(nodes + edges, 0.0)
 
 
