@@ -26,6 +26,7 @@ from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.errors import PlanningError
 from alpa_lite.ir.signature import leaf_signature
 from alpa_lite.pipeline import layers
+from alpa_lite.pipeline.one_stage import plan_one_stage_remat
 from alpa_lite.pipeline.planner import check_one_stage_remat, plan_pipeline, remat_mode
 from alpa_lite.pipeline.program import uses_value_and_grad
 from alpa_lite.result.plan import Plan
@@ -39,10 +40,11 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
          remat: bool | None = None) -> Plan:
     """Plan how to run ``fn(*args)`` on ``mesh`` (see design.md, "Public API").
 
-    ``remat`` (activation recomputation, per pipeline stage): None lets the stage DP decide,
-    False never recomputes, True makes every stage recompute its layers' forward in the backward
-    pass. One-stage plans never recompute (not implemented yet): ``remat=True`` with one (
-    ``num_stages=1``, or a step without ``al.value_and_grad``) raises a PlanningError.
+    ``remat`` (activation recomputation): None lets the planner decide (per pipeline stage in the
+    stage DP; with ``num_stages=1``, per layer of the loss: keep, "dots" or "full", chosen with the
+    sharding, ``pipeline.one_stage``), False never recomputes, True recomputes every layer in full.
+    It needs a loss differentiated with ``al.value_and_grad`` (its layers): ``remat=True`` on a
+    step without one raises a PlanningError.
 
     ``progress``, when given, is called with each phase's name as it starts: "tracing",
     "strategies", "ILP", "DP" (the CLI shows them on a terminal).
@@ -60,6 +62,12 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                              num_microbatches=num_microbatches, batch_argnums=batch_argnums,
                              static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress,
                              remat=remat)
+    mode = remat_mode(remat)
+    if mode != "never" and (method == "auto" or mode == "always") and _uses_pipeline_markers(fn, args, static_argnums):
+        return plan_one_stage_remat(fn, *args, remat=mode if method == "auto" else "always", mesh=mesh,
+                                    cluster=cluster, method=method, memory_budget=memory_budget,
+                                    batch_argnums=batch_argnums, donate_argnums=donate_argnums,
+                                    static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
     check_one_stage_remat(remat)
     return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget,
                           batch_argnums=batch_argnums, donate_argnums=donate_argnums,

@@ -294,7 +294,7 @@ def cli(traceback: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every predicted collective.")
 @click.option("--remat", type=click.Choice(tuple(REMAT_CHOICES)),
               help="Activation recomputation per pipeline stage: auto (the planner's choice, the default), "
-                   "never, or always (every stage; one-stage plans never recompute).")
+                   "never, or always (every layer; per pipeline stage, or per layer of one stage).")
 @click.pass_context
 def plan_cmd(ctx: click.Context, target: str, mesh: str | None, axes: str | None, cluster: str | None,
              hosts: int | None, memory_budget: str | None, time_limit: float, method: str,

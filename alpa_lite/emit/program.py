@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -63,6 +64,9 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
     def constrain(x: Any, spec: ShardingSpec) -> Any:
         return constrain_to(x, spec, mesh)
 
+    barriers = {p: ts for p, ts in graph.barriers}
+    constants = {t for op in graph.ops if op.kind == "constant" for t in op.outputs} if barriers else set()
+
     def body(*flat: Any) -> list[Any]:
         env: dict[int, Any] = {}
         moved: dict[tuple[int, ShardingSpec], Any] = {}
@@ -81,6 +85,11 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
             return moved[(t, want)]
 
         for op, lay in zip(graph.ops, layouts):
+            if op.index in barriers:  # a recomputation starts here (``OpGraph.barriers``)
+                group = [t for t in barriers[op.index] if t in env and t not in constants]
+                env.update(zip(group, lax.optimization_barrier([env[t] for t in group])))
+                for key in [key for key in moved if key[0] in group]:  # resharded before it: stale
+                    del moved[key]
             if op.kind == "parameter":
                 env[op.outputs[0]] = flat[op.params["index"]]
                 continue
@@ -147,7 +156,22 @@ def make_jit(graph: OpGraph, layouts: Sequence[OpLayout], mesh: Any, cluster: Cl
 
     in_shardings = tuple(dyn_sh)
     return jax.jit(fn, in_shardings=in_shardings, static_argnums=static,
-                   donate_argnums=tuple(donate_argnums))
+                   donate_argnums=tuple(donate_argnums), compiler_options=compiler_options(graph, mesh))
+
+
+# XLA's CPU pipeline expands optimization barriers early (its "cse_barrier_expander" pass), before
+# CSE and scheduling: a recomputation is then merged with the forward ops it repeats or scheduled
+# beside them, and holds what it was to free. Measured on an 8-layer MLP (batch 512, width 32→128)
+# with plain ``jax.checkpoint``: compiled temporaries 11.3 MB keeping, recomputing in full and
+# "dots" alike; with the pass disabled 11.3, 1.9 and 3.7 MB. XLA's GPU pipeline keeps the barriers.
+_KEEP_BARRIERS_ON_CPU = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def compiler_options(graph: OpGraph, mesh: Any) -> dict[str, str] | None:
+    """XLA options for a program that recomputes (``OpGraph.barriers``) on CPU devices."""
+    if not graph.barriers or not isinstance(mesh, jax.sharding.Mesh):  # an AbstractMesh has no devices
+        return None
+    return dict(_KEEP_BARRIERS_ON_CPU) if np.ravel(mesh.devices)[0].platform == "cpu" else None
 
 
 def partition_specs(specs: Sequence[ShardingSpec]) -> list[PartitionSpec]:

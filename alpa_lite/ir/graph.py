@@ -80,6 +80,11 @@ class OpGraph:
     out_tree: Any = None  # PyTreeDef of the result
     fixed: Mapping[int, ShardingSpec] = field(default_factory=dict)  # tensor → spec the user fixed
     num_layers: int = 1
+    # (op index, tensors): before that op runs, these values pass through an optimization
+    # barrier (a recomputation under ``jax.checkpoint(prevent_cse=True)`` starts from them), so
+    # XLA cannot merge the recomputed ops with the forward ops they repeat. No op of its own:
+    # a barrier's results alias its operands (no bytes, no time); the emitted program applies it.
+    barriers: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @cached_property
     def producer(self) -> tuple[int, ...]:

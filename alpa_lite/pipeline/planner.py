@@ -158,8 +158,9 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
 
     ``remat``: None lets the stage DP choose per stage whether its layers recompute their forward
     in the backward pass (only where that fits when keeping does not, or is faster: keeping wins a
-    tie); False never recomputes; True makes every stage recompute, and rules the one-stage plan
-    out (one-stage plans never recompute yet): with no pipeline to plan that is a PlanningError.
+    tie); False never recomputes; True makes every stage recompute, and rules the one-stage
+    candidate out (beside pipelines it keeps every activation; ``num_stages=1`` plans one stage
+    with per-layer recomputation, ``one_stage.plan_one_stage_remat``).
     """
     progress = progress or (lambda phase: None)
     mode = remat_mode(remat)
@@ -179,7 +180,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
         if mode == "always":
             raise InfeasibleError(f"no pipeline with every stage recomputing fits {format_bytes(st.budget)} per "
                                   f"device (microbatch counts tried: {', '.join(map(str, search.tried))}), and "
-                                  + _NO_ONE_STAGE_REMAT)
+                                  + _CANDIDATE_KEEPS)
         progress("one-stage candidate")
         t1 = time.perf_counter()
         try:
@@ -244,8 +245,10 @@ def _nothing_fits(st: _Settings, one_floor: float, best: Candidate | None) -> st
             "use more devices, a smaller batch or a smaller model")
 
 
-_NO_ONE_STAGE_REMAT = ("remat=True: one-stage plans never recompute activations (not implemented yet), "
-                       "only pipeline stages do; pass remat=None or False for a one-stage plan")
+_NO_ONE_STAGE_REMAT = ("remat=True: recomputation needs the layers of a loss differentiated with "
+                       "al.value_and_grad, and this step has none; pass remat=None or False")
+_CANDIDATE_KEEPS = ("the one-stage candidate beside pipelines keeps every activation: plan num_stages=1 "
+                    "for one stage that recomputes")
 
 
 def remat_mode(remat: Any) -> str:
@@ -260,8 +263,8 @@ def remat_mode(remat: Any) -> str:
 
 
 def check_one_stage_remat(remat: Any) -> None:
-    """A one-stage plan (``num_stages=1``, or a step with no ``al.value_and_grad``) never
-    recomputes: ``remat=True`` there is an error, not ignored."""
+    """A step with no ``al.value_and_grad`` has no layers to recompute: ``remat=True`` there is an
+    error, not ignored."""
     if remat_mode(remat) == "always":
         raise PlanningError(_NO_ONE_STAGE_REMAT)
 

@@ -114,7 +114,7 @@ def _trace(flat_fn: Callable[..., Any], avals: Sequence[Any]) -> Any:
         return jax.make_jaxpr(flat_fn)(*avals)
 
 
-def _vag_positions(jaxpr: Any) -> list[int]:
+def vag_positions(jaxpr: Any) -> list[int]:
     return [k for k, e in enumerate(jaxpr.eqns) if e.primitive is value_and_grad_p]
 
 
@@ -132,7 +132,7 @@ def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Seq
         jaxpr = _trace(flat_fn, [_aval(x) for x in leaves]).jaxpr
     except Exception:  # noqa: BLE001 - bad arguments get the one-stage path's clear error
         return False
-    return bool(_vag_positions(jaxpr))
+    return bool(vag_positions(jaxpr))
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,7 +163,7 @@ def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int
     step's full-batch trace when already made (``trace_step``)."""
     traced = traced if traced is not None else trace_step(fn, args, static)
     avals, full = list(traced.avals), traced.full
-    found = _vag_positions(full.jaxpr)
+    found = vag_positions(full.jaxpr)
     if not found:
         return None
     if len(found) > 1:
@@ -179,7 +179,7 @@ def split_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int
         shape = avals[k].shape
         mb_avals[k] = jax.ShapeDtypeStruct((shape[0] // B, *shape[1:]), avals[k].dtype)
     micro_trace = full if B == 1 else _trace(traced.flat_fn, mb_avals)  # one microbatch = the batch
-    mb_found = _vag_positions(micro_trace.jaxpr)
+    mb_found = vag_positions(micro_trace.jaxpr)
     if len(mb_found) != 1:
         raise PlanningError("the step traces differently for one microbatch (no single "
                             "al.value_and_grad): plan with num_stages=1")

@@ -220,3 +220,30 @@ def timings_text(plan: Any) -> str:
     total = t.pop("total_s", None)
     parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in t.items())
     return (f"{total:.2f} s ({parts})" if total is not None else parts) or "not recorded"
+
+
+_POLICY_WORDS = {"keep": "keep (activations held)", "dots": "dots (all but matmul outputs recomputed)",
+                 "full": "full (forward recomputed)"}
+
+
+def layer_remat_text(plan: Any) -> str:
+    """A one-stage plan's recomputation per layer, what the recomputed ops cost (FLOPs run again)
+    and what the memory budget took (the plan keeping everything with no budget); "" if none."""
+    info = getattr(plan, "layer_remat", None)
+    if info is None:
+        return ""
+    runs: list[tuple[int, int, str]] = []
+    for k, p in enumerate(info.policies):
+        if runs and runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], k, p)
+        else:
+            runs.append((k, k, p))
+    parts = [f"layer{'s' if a != b else ''} {a}{f'..{b}' if a != b else ''}: {_POLICY_WORDS[p]}" for a, b, p in runs]
+    text = "recomputation: " + "; ".join(parts)
+    if info.recomputes:
+        text += f"\n  the backward pass runs {info.recomputed_flops:.4g} FLOPs of the forward again"
+    if info.unbounded_s is not None and info.recomputes:
+        text += (f"\n  keeping every activation with no memory budget: {fmt_s(info.unbounded_s)} and "
+                 f"{fmt_bytes(info.unbounded_peak_bytes or 0.0)} per device; this plan: {fmt_s(plan.cost.total_s)} "
+                 f"and {fmt_bytes(plan.cost.peak_memory_bytes)}")
+    return text

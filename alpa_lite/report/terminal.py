@@ -23,6 +23,7 @@ from alpa_lite.report.rows import (
     cost_rows,
     fmt_bytes,
     fmt_s,
+    layer_remat_text,
     memory_capacity,
     mesh_kind,
     mesh_text,
@@ -160,6 +161,8 @@ def plan_renderable(plan: Any, *, arg_names: Sequence[str] | None = None, max_ro
                                    _tensor_table(f"Inputs ({len(inputs)})", inputs), Text(""),
                                    *_outputs(plan), Text(""), _stages_table(plan), Text(""),
                                    _collectives_table(plan, max_rows), Text("")]
+    if layer_remat_text(plan):
+        parts += [Text(layer_remat_text(plan)), Text("")]
     parts.append(Text.assemble(("Solver: ", "bold"), solver_text(plan)))
     parts.append(Text.assemble(("Planning time: ", "bold"), timings_text(plan)))
     parts += [Text(f"warning: {w}", style="yellow") for w in plan.warnings]

@@ -169,6 +169,56 @@ def _layouts_in(rows: Sequence[Any]) -> tuple[OpLayout, ...]:
     return tuple(OpLayout(tuple(P(s) for s in o), tuple(P(s) for s in i), bool(f)) for o, i, f in rows)
 
 
+# A one-stage plan's choice per layer of the loss (``pipeline.checkpointing``): keep the activations,
+# recompute the layer but its matmul outputs (``jax.checkpoint_policies.dots_saveable``), or
+# recompute it whole (``jax.checkpoint``).
+REMAT_POLICIES = ("keep", "dots", "full")
+
+
+@dataclass(frozen=True)
+class RematInfo:
+    """A one-stage plan's recomputation: ``policies[k]`` (a ``REMAT_POLICIES`` entry) for layer k of
+    the loss, cut at ``layer_starts`` (equation positions in the loss: ``compile`` cuts it again).
+    ``recomputed_flops``: FLOPs of the ops the backward pass runs again (whole program, all devices).
+    ``unbounded_s``/``unbounded_peak_bytes``: the plan keeping every activation with no memory
+    budget, predicted (None when not planned): what the budget costs and what recomputation saves.
+    ``tried``: the candidates the search weighed, one line each."""
+
+    policies: tuple[str, ...]
+    layer_starts: tuple[int, ...]
+    recomputed_flops: float = 0.0
+    unbounded_s: float | None = None
+    unbounded_peak_bytes: float | None = None
+    tried: tuple[str, ...] = ()
+
+    @property
+    def recomputes(self) -> bool:
+        return any(p != "keep" for p in self.policies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policies": list(self.policies), "layer_starts": list(self.layer_starts),
+                "recomputed_flops": self.recomputed_flops, "unbounded_s": self.unbounded_s,
+                "unbounded_peak_bytes": self.unbounded_peak_bytes, "tried": list(self.tried)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RematInfo:
+        policies = tuple(str(p) for p in d["policies"])
+        bad = [p for p in policies if p not in REMAT_POLICIES]
+        if bad:
+            raise PlanFileError(f"plan file has recomputation policy {bad[0]!r}, not one of {REMAT_POLICIES}: "
+                                "the file is corrupt")
+        starts = tuple(int(x) for x in d["layer_starts"])
+        if len(starts) != len(policies):
+            raise PlanFileError(f"plan file has {len(policies)} recomputation policies for {len(starts)} layers: "
+                                "the file is corrupt")
+
+        def opt(x: Any) -> float | None:
+            return None if x is None else float(x)
+
+        return cls(policies, starts, float(d.get("recomputed_flops", 0.0)), opt(d.get("unbounded_s")),
+                   opt(d.get("unbounded_peak_bytes")), tuple(str(x) for x in d.get("tried", ())))
+
+
 @dataclass(frozen=True)
 class SolverInfo:
     status: str
@@ -209,6 +259,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     pipeline: PipelineInfo | None = None  # a multi-stage plan
     static_values: tuple[str, ...] = ()  # repr of each static argument: other values are another program
+    layer_remat: RematInfo | None = None  # a one-stage plan's recomputation per layer (None: none planned)
     # Not saved: rebuilt by compile(fn).
     graph: Any = None
     mesh: Any = None
@@ -249,11 +300,18 @@ class Plan:
 
     @property
     def remat(self) -> tuple[bool, ...]:
-        """Per layer of a pipeline: True where its stage recomputes the layer's forward in the
-        backward pass. A one-stage plan never recomputes: ()."""
-        if self.pipeline is None:
-            return ()
-        return tuple(s.remat for s in self.stages for _ in range(s.layers[0], s.layers[1] + 1))
+        """Per layer: True where the backward pass recomputes (some of) the layer's forward (a
+        pipeline: its stage recomputes; one stage: ``layer_remat``). () when no layers were planned."""
+        return tuple(p != "keep" for p in self.remat_policies)
+
+    @property
+    def remat_policies(self) -> tuple[str, ...]:
+        """Per layer, a ``REMAT_POLICIES`` entry: "keep", "dots" (all but matmul outputs
+        recomputed) or "full" (a pipeline stage that recomputes does so in full)."""
+        if self.pipeline is not None:
+            return tuple("full" if s.remat else "keep" for s in self.stages
+                         for _ in range(s.layers[0], s.layers[1] + 1))
+        return () if self.layer_remat is None else self.layer_remat.policies
 
     @property
     def predicted_wire_bytes(self) -> float:
@@ -283,6 +341,12 @@ class Plan:
             return compile_pipeline(self, fn, mesh=mesh, example_args=example_args)
         from alpa_lite.emit.runtime import compile_plan
 
+        if self.graph is None and self.layer_remat is not None and self.layer_remat.recomputes \
+                and example_args is not None:  # a loaded plan: the program it was made for recomputes
+            from alpa_lite.pipeline.checkpointing import checkpointed_step
+
+            fn = checkpointed_step(fn, example_args, self.static_argnums, self.layer_remat.layer_starts,
+                                   self.layer_remat.policies)
         return compile_plan(self, fn, mesh=mesh, example_args=example_args)
 
     def check(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -346,6 +410,7 @@ class Plan:
             "cluster": json.loads(json.dumps(self.cluster)), "timings": self.timings,
             "warnings": list(self.warnings),
             "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
+            "layer_remat": None if self.layer_remat is None else self.layer_remat.to_dict(),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -423,6 +488,7 @@ class Plan:
             timings={k: float(v) for k, v in d["timings"].items()},
             warnings=tuple(d.get("warnings", ())),
             pipeline=None if d.get("pipeline") is None else PipelineInfo.from_dict(d["pipeline"]),
+            layer_remat=None if d.get("layer_remat") is None else RematInfo.from_dict(d["layer_remat"]),
         )
 
     def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:

@@ -62,6 +62,7 @@ class _Builder:
     ops: list[Op] = field(default_factory=list)
     fixed: dict[int, ShardingSpec] = field(default_factory=dict)
     layer: int = 0
+    barriers: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
 
     def new_tensor(self, aval: Any) -> int:
         shape = tuple(int(d) for d in getattr(aval, "shape", ()))
@@ -144,6 +145,8 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
             outs = ins
             b.layer += bool(_LAYER_MARKERS[prim](eqn.params))
         elif prim in _INLINE:
+            if _recomputes(eqn):
+                b.barriers.append((len(b.ops), tuple(dict.fromkeys(ins))))
             outs = _inline(b, eqn, ins, [v in need for v in eqn.outvars])
         else:
             outs = [b.new_tensor(v.aval) for v in eqn.outvars]
@@ -154,6 +157,14 @@ def _walk(b: _Builder, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int],
         for v, t in zip(eqn.outvars, outs):
             env[v] = t
     return [read(x) if live else None for x, live in zip(jaxpr.outvars, live_out)]
+
+
+def _recomputes(eqn: Any) -> bool:
+    """Whether ``eqn`` is the backward half of a ``jax.checkpoint`` that must not be merged with
+    the forward it repeats: jax lowers it behind an optimization barrier on all its operands
+    (``prevent_cse``), which inlining its body would lose (``OpGraph.barriers`` keeps it)."""
+    return (eqn.primitive is P.remat_p and bool(eqn.params.get("differentiated"))
+            and bool(eqn.params.get("prevent_cse")))
 
 
 def _inline(b: _Builder, eqn: Any, ins: list[int], live_out: Sequence[bool]) -> list[int | None]:
@@ -255,7 +266,7 @@ def trace(fn: Callable[..., Any], *args: Any, static_argnums: Sequence[int] = ()
     out_ids = _walk(b, closed.jaxpr, closed.consts, in_ids)
     out_tree = jax.tree.structure(out_shape)
     g = OpGraph(tuple(b.tensors), tuple(b.ops), tuple(in_ids), tuple(out_ids), in_tree,
-                out_tree, dict(b.fixed), num_layers=b.layer + 1)
+                out_tree, dict(b.fixed), num_layers=b.layer + 1, barriers=tuple(b.barriers))
     log.info("traced %s", g.summary())
     return g
 
