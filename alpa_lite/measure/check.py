@@ -7,6 +7,7 @@ are reported.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class CheckReport(WireTotals):
     compiled: CompiledStats
     predicted_memory_bytes: float
     tolerance: float = 0.10
+    predicted_flops: float = 0.0  # per device (``predicted_flops``)
 
     @property
     def flagged(self) -> list[str]:
@@ -78,7 +80,7 @@ class CheckReport(WireTotals):
                      f"{self.compiled_wire_bytes:>23,.0f}B  ({self.wire_error:.1%} off)")
         lines.append(f"{'memory per device':<20}{self.predicted_memory_bytes:>23,.0f}B"
                      f"{self.compiled.memory_bytes:>23,.0f}B")
-        lines.append(f"{'FLOPs per device':<20}{'':>24}{self.compiled.flops:>24,.0f}")
+        lines.append(f"{'FLOPs per device':<20}{self.predicted_flops:>24,.0f}{self.compiled.flops:>24,.0f}")
         lines += [f"  ! {f}" for f in self.flagged]
         return "\n".join(lines)
 
@@ -93,4 +95,23 @@ def check_plan(plan: Any, fn: Callable[..., Any], *args: Any) -> CheckReport:
     rows = tuple(KindRow(k, len(pred.get(k, [])), sum(pred.get(k, [])),
                          comp.get(k, (0, 0.0))[0], comp.get(k, (0, 0.0))[1])
                  for k in sorted(set(pred) | set(comp)))
-    return CheckReport(rows, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes)
+    return CheckReport(rows, plan.predicted_wire_bytes, stats, plan.cost.peak_memory_bytes,
+                       predicted_flops=predicted_flops(plan))
+
+
+def predicted_flops(plan: Any) -> float:
+    """FLOPs per device of a one-stage plan's program: each op's FLOPs (``Op.flops``, as XLA's cost
+    analysis counts them) over the devices its work is split across, the product of the mesh
+    axes its output's spec uses, partial-sum axes included (a contraction split over an axis is a
+    partial sum there). Recomputed ops count once more: they are ops of the program."""
+    if plan.graph is None:
+        return 0.0
+    size = dict(zip(plan.axis_names, plan.mesh_shape))
+    total = 0.0
+    for op, lay in zip(plan.graph.ops, plan.layouts):
+        split = 1
+        if not lay.free and lay.outs:
+            spec = lay.outs[0]
+            split = math.prod(size.get(a, 1) for a in {*spec.axes_used(), *spec.partial})
+        total += op.flops / split
+    return total

@@ -5,7 +5,8 @@ activations outweigh their weights about 30 to 1. Unbounded, the one-stage plan 
 activation; at half that plan's peak ``remat=False`` has no plan, the default recomputes layers
 (chosen with the sharding, ``pipeline.one_stage``), runs equal to the unsharded step, and XLA's
 compiled memory stays within the budget. ``remat=True`` recomputes every layer in full, and XLA
-runs the recomputation (more FLOPs than keeping: not merged away).
+runs the recomputation (more FLOPs than keeping: not merged away). ``plan.check`` sets predicted
+beside compiled memory and FLOPs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def test_at_half_the_peak_the_default_recomputes_runs_equal_and_fits(devices):
     assert_steps_equal(plan.compile(step), step, args, n_state=1, steps=2, atol=1e-5)
     report = plan.check(step, *fresh(args))
     assert report.compiled.memory_bytes <= 1.15 * budget
+    # predicted FLOPs per device (the recomputed ops included) beside XLA's: within 2.2 % measured
+    assert report.predicted_flops == pytest.approx(report.compiled.flops, rel=0.05)
     assert report.compiled.memory_bytes < 0.75 * planned(devices)[1].check(step, *fresh(args)).compiled.memory_bytes
     if devices > 1:  # predicted collectives, the recomputed forward's included, are what XLA runs
         assert report.wire_error <= report.tolerance
@@ -92,7 +95,9 @@ def test_remat_true_recomputes_every_layer_and_xla_runs_it():
     assert plan.layer_remat.policies == ("full",) * LAYERS
     assert_steps_equal(plan.compile(step), step, args, n_state=1, steps=1, atol=1e-5)
     keep = planned(1)[1].check(step, *fresh(args)).compiled
-    full = plan.check(step, *fresh(args)).compiled
+    report = plan.check(step, *fresh(args))
+    full = report.compiled
+    assert report.predicted_flops == pytest.approx(full.flops, rel=0.05) and "FLOPs per device" in str(report)
     # one matmul per layer runs again (x @ w1: what gelu and tanh are recomputed from)
     assert full.flops - keep.flops >= LAYERS * 2 * BATCH * WIDTH * 4 * WIDTH * 0.99
     assert full.memory_bytes < keep.memory_bytes
