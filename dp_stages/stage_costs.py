@@ -29,7 +29,14 @@ forward half in the backward pass, so the stage holds per microbatch only its la
 The last term: during layer l's recomputed backward its residuals of the one microbatch being
 worked on are live again, beside what its forward+backward needs beyond them (its transient).
 An input read by several layers of the stage is counted once per reader (an upper bound: the
-runtime saves each layer's inputs). ``remat`` says which options an entry may take: "never"
+runtime saves each layer's inputs). "dots" (``jax.checkpoint_policies.dots_saveable``) is a third
+option when ``LayerCosts.dots_forward_s``/``dots_bytes`` are given: the stage also holds its
+matmul outputs the recomputation reads, and runs again only what lies between them:
+
+    t_dots    = t + Σ_{l=i..j} dots_forward[l,v]
+    mem_dots  = weight_factor·Σ weight[l,v] + inflight·Σ_{l=i..j} dots_bytes[l,v]
+              + max_l (residual[l,v] + transient[l,v])
+ ``remat`` says which options an entry may take: "never"
 (keep only), "always" (recompute only) or "auto" (the fastest option that fits; keeping wins a
 tie). The choice per entry is ``StageTables.remat``, as the view is ``StageTables.view``.
 """
@@ -45,6 +52,7 @@ from dp_stages.submeshes import num_devices
 
 SCHEDULES = ("gpipe", "1f1b")
 REMAT_MODES = ("never", "auto", "always")  # which options a stage entry may take (module docstring)
+POLICIES = ("keep", "full", "dots")  # StageTables.remat's codes
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +71,9 @@ class LayerCosts:
     # Needed when recomputation is allowed (None: unknown, remat="never" only):
     forward_s: np.ndarray | None = None  # the forward half of one microbatch, run again under remat
     input_bytes: np.ndarray | None = None  # non-weight inputs of one microbatch: held under remat
+    # "dots" (matmul outputs saved, the rest recomputed) as a third option when both are given:
+    dots_forward_s: np.ndarray | None = None  # what it runs again of one microbatch's forward
+    dots_bytes: np.ndarray | None = None  # non-weight inputs and saved matmul outputs of one microbatch
 
     @property
     def num_layers(self) -> int:
@@ -81,10 +92,14 @@ class StageTables:
     view: np.ndarray  # [L, L, S] index into LayerCosts.views of the chosen view, -1: none fits
     static_bytes: np.ndarray  # [L, L, S] per device at that view: weights, state, transient
     per_microbatch_bytes: np.ndarray  # [L, L, S] per device: residuals (or, remat, inputs) of one microbatch
-    remat: np.ndarray | None = None  # [L, L, S] bool: the entry recomputes its forward (None: never)
+    remat: np.ndarray | None = None  # [L, L, S] index into POLICIES of the entry's choice (None: keep)
 
     def recomputes(self, i: int, j: int, s: int) -> bool:
         return self.remat is not None and bool(self.remat[i, j, s])
+
+    def policy(self, i: int, j: int, s: int) -> str:
+        """The entry's choice: "keep", "full" (its forward recomputed) or "dots"."""
+        return "keep" if self.remat is None else POLICIES[int(self.remat[i, j, s])]
 
     def memory_bytes(self, i: int, j: int, s: int, inflight: int) -> float:
         return float(self.static_bytes[i, j, s] + inflight * self.per_microbatch_bytes[i, j, s])
@@ -129,7 +144,7 @@ class _Option:
     time: np.ndarray
     static: np.ndarray
     per_mb: np.ndarray
-    remat: bool
+    remat: int  # index into POLICIES
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,25 +160,33 @@ class _LayerSums:
     fwd: tuple[np.ndarray, np.ndarray] | None  # remat only
     inputs: tuple[np.ndarray, np.ndarray] | None
     live: np.ndarray | None  # [L, V] residual + transient: a layer's recomputed backward, remat only
+    dots_fwd: tuple[np.ndarray, np.ndarray] | None = None  # "dots" only
+    dots_held: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of(cls, c: LayerCosts, remat: bool) -> _LayerSums:
         transient = np.maximum(c.peak_bytes - c.weight_bytes - c.residual_bytes, 0.0)
+        dots = remat and c.dots_forward_s is not None and c.dots_bytes is not None
         return cls(_prefix(c.time_s), _prefix(c.update_s), _prefix(c.weight_bytes), _prefix(c.residual_bytes),
                    transient, _prefix(c.forward_s) if remat else None,
                    _prefix(c.input_bytes) if remat else None,
-                   np.asarray(c.residual_bytes, np.float64) + transient if remat else None)
+                   np.asarray(c.residual_bytes, np.float64) + transient if remat else None,
+                   _prefix(c.dots_forward_s) if dots else None, _prefix(c.dots_bytes) if dots else None)
 
     def options(self, i: int, j: int, pairs: np.ndarray, weight_factor: float, remat: str) -> list[_Option]:
-        """Keep, then recompute (so that keeping wins a tie), as ``remat`` allows."""
+        """Keep, then "dots", then recompute in full (so that the one recomputing less wins a
+        tie), as ``remat`` allows ("always": in full only, Alpa's)."""
         tv = _span(self.time, i, j) + pairs
         weights = weight_factor * _span(self.weight, i, j)
         out = []
         if remat != "always":
-            out.append(_Option(tv, weights + self.transient[i:j + 1].max(axis=0), _span(self.resid, i, j), False))
+            out.append(_Option(tv, weights + self.transient[i:j + 1].max(axis=0), _span(self.resid, i, j), 0))
+        if remat == "auto" and self.dots_fwd is not None:
+            out.append(_Option(tv + _span(self.dots_fwd, i, j), weights + self.live[i:j + 1].max(axis=0),
+                               _span(self.dots_held, i, j), 2))
         if remat != "never":
             out.append(_Option(tv + _span(self.fwd, i, j), weights + self.live[i:j + 1].max(axis=0),
-                               _span(self.inputs, i, j), True))
+                               _span(self.inputs, i, j), 1))
         return out
 
 
@@ -182,7 +205,7 @@ class _Out:
     def empty(cls, L: int, S: int, one_f_one_b: bool, remat: bool) -> _Out:
         return cls(np.full((L, L, S), np.inf), np.zeros((L, L, S)), np.full((L, L, S), -1, dtype=np.int64),
                    np.full((2, L, L, S), np.inf), np.full((L, L, S), np.inf) if one_f_one_b else None,
-                   np.zeros((L, L, S), dtype=bool) if remat else None)
+                   np.zeros((L, L, S), dtype=np.int8) if remat else None)
 
 
 def _fill(out: _Out, ijs: tuple[int, int, int], options: list[_Option], uv: np.ndarray, vs: list[int],
@@ -209,12 +232,14 @@ def _fill(out: _Out, ijs: tuple[int, int, int], options: list[_Option], uv: np.n
         out.succ[ijs] = np.inf if fits_all else np.floor((budget - o.static[v]) / o.per_mb[v]) - 1
 
 
-def remat_figures(costs: LayerCosts, i: int, j: int, v: int) -> tuple[float, float, float]:
-    """For layers i..j at view v, per microbatch and device: (the forward time recomputation adds,
-    the bytes kept without it (residuals), the bytes kept with it (inputs))."""
-    fwd = 0.0 if costs.forward_s is None else float(costs.forward_s[i:j + 1, v].sum())
-    inputs = 0.0 if costs.input_bytes is None else float(costs.input_bytes[i:j + 1, v].sum())
-    return fwd, float(costs.residual_bytes[i:j + 1, v].sum()), inputs
+def remat_figures(costs: LayerCosts, i: int, j: int, v: int, policy: str = "full") -> tuple[float, float, float]:
+    """For layers i..j at view v, per microbatch and device: (the forward time recomputation
+    (``policy`` "full" or "dots") adds, the bytes kept without it (residuals), the bytes kept
+    with it (inputs; "dots": and the saved matmul outputs))."""
+    fwd_s, held = (costs.forward_s, costs.input_bytes) if policy == "full" else (costs.dots_forward_s, costs.dots_bytes)
+    fwd = 0.0 if fwd_s is None else float(fwd_s[i:j + 1, v].sum())
+    kept = 0.0 if held is None else float(held[i:j + 1, v].sum())
+    return fwd, float(costs.residual_bytes[i:j + 1, v].sum()), kept
 
 
 def _send_s(costs: LayerCosts, i: int, j: int, L: int, n: int, link: Link) -> float:

@@ -111,6 +111,7 @@ class StageSpan:
     view: tuple[int, int]
     num_devices: int
     remat: bool = False
+    policy: str = "full"  # when ``remat``: "full" or "dots" (what runs again, ``LayerGraph.reruns``)
 
 
 def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequence[Any],
@@ -133,7 +134,8 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
             out += [_tag(c, p, "fwd", B, tag) for c in lc.fwd]
             out += [_tag(c, p, "bwd", B, tag) for c in lc.bwd]
             if span.remat:
-                out += [_tag(c, p, "bwd", B, f"{tag} recomputed") for c in recomputed(graphs[li], lc.fwd)]
+                out += [_tag(c, p, "bwd", B, f"{tag} recomputed")
+                        for c in recomputed(graphs[li], lc.fwd, span.policy)]
             for c, pos in zip(lc.sync, lc.sync_pos):  # reduced as they come unless stacked
                 kept = _grad_weight(layers[li], graphs[li], pos) in stacked
                 out.append(_tag(c, p, "sync", 1, tag) if kept else _tag(c, p, "bwd", B, tag))
@@ -143,7 +145,7 @@ def stage_collectives(layers: Sequence[Layer], graphs: Sequence[Any], sols: Sequ
     return tuple(out)
 
 
-def recomputed(lg: Any, fwd: Sequence[PredictedCollective]) -> list[PredictedCollective]:
+def recomputed(lg: Any, fwd: Sequence[PredictedCollective], policy: str = "full") -> list[PredictedCollective]:
     """The forward collectives a recomputation runs again: an op's own when the residuals depend
     on the op, an edge's when it leads from such an op into another or into a backward op
     (``LayerGraph.reruns``, the rule ``layers.forward_time`` prices)."""
@@ -151,7 +153,7 @@ def recomputed(lg: Any, fwd: Sequence[PredictedCollective]) -> list[PredictedCol
     for c in fwd:
         ids = [int(x) for x in _OP_RE.findall(c.where)]
         edge = "→" in c.where
-        if len(ids) > edge and lg.reruns(ids[0], ids[1] if edge else None):
+        if len(ids) > edge and lg.reruns(ids[0], ids[1] if edge else None, policy):
             out.append(c)
     return out
 

@@ -61,24 +61,46 @@ class LayerGraph:
     def recomputed_ops(self) -> frozenset[int]:
         """The forward ops a recomputing stage runs again: those the residuals depend on (what
         only makes the layer's outputs is dead code in the recomputation, and XLA drops it)."""
+        return self._upstream(lambda v: False)
+
+    @cached_property
+    def dots_recomputed_ops(self) -> frozenset[int]:
+        """The forward ops a "dots" stage (``jax.checkpoint_policies.dots_saveable``) runs again:
+        as ``recomputed_ops``, but a matmul's output is saved, so neither the matmul nor what only
+        feeds it runs again."""
+        return self._upstream(lambda v: self.graph.ops[v].kind == "dot")
+
+    @cached_property
+    def dots_saved(self) -> tuple[int, ...]:
+        """The matmul outputs a "dots" stage holds per microbatch: residuals, or read by its
+        recomputation."""
+        g, ops = self.graph, self.dots_recomputed_ops
+        reads = {t for v in ops for t in g.ops[v].operands} | set(self.residuals)
+        return tuple(t for v in self.fwd_ops if g.ops[v].kind == "dot" for t in g.ops[v].outputs if t in reads)
+
+    def _upstream(self, saved: Any) -> frozenset[int]:
+        """Forward ops the residuals depend on, not through an op ``saved(v)`` (its output held)."""
         g, fwd = self.graph, set(self.fwd_ops)
         out: set[int] = set()
         todo = [g.producer[t] for t in self.residuals if t in g.producer]
         while todo:
             v = todo.pop()
-            if v in out or v not in fwd:
+            if v in out or v not in fwd or saved(v):
                 continue
             out.add(v)
             todo += [g.producer[t] for t in g.ops[v].operands if t in g.producer]
         return frozenset(out)
 
-    def reruns(self, src: int, dst: int | None = None) -> bool:
-        """Whether a recomputation runs op ``src`` again (``dst`` None), or the resharding on the
-        edge from ``src`` to ``dst``: out of a recomputed op into another, or into a backward op
-        (a residual resharded for its reader); not one into an output."""
-        if src not in self.recomputed_ops:
+    def reruns(self, src: int, dst: int | None = None, policy: str = "full") -> bool:
+        """Whether a recomputation (``policy`` "full" or "dots") runs op ``src`` again (``dst``
+        None), or the resharding on the edge from ``src`` to ``dst``: out of a recomputed op into
+        another, or into a backward op (a residual resharded for its reader); not one into an
+        output. A saved matmul output is held as its first reader wants it (``stage``), so
+        reading it again reshards nothing."""
+        ops = self.recomputed_ops if policy == "full" else self.dots_recomputed_ops
+        if src not in ops:
             return False
-        return dst is None or dst in self.recomputed_ops or dst in self._bwd_set
+        return dst is None or dst in ops or dst in self._bwd_set
 
     @cached_property
     def _bwd_set(self) -> frozenset[int]:
@@ -133,6 +155,8 @@ class LayerSolution:
     collectives: LayerCollectives = LayerCollectives()  # by program; deferred gradient reductions
     forward_s: float = 0.0  # the forward half's share of time_s (``forward_time``): what remat runs again
     input_bytes: float = 0.0  # per device, the non-weight layer inputs: what remat holds per microbatch
+    dots_forward_s: float = 0.0  # what a "dots" recomputation runs again (``forward_time``)
+    dots_bytes: float = 0.0  # per device, held per microbatch by "dots": the inputs and the saved matmuls
 
     @property
     def time_s(self) -> float:
@@ -233,19 +257,22 @@ def layer_solution(layer: Layer, lg: LayerGraph, iop: IntraOpProblem, sol: IlpSo
                          p.cost.communication_s, p.cost.resharding_s,
                          float(sum(local[t] for t in weights)), float(resid),
                          float(p.cost.peak_memory_bytes), sol.status, sol.wall_s, lc,
-                         forward_time(lg, iop, sol.choice), float(inputs))
+                         forward_time(lg, iop, sol.choice), float(inputs),
+                         forward_time(lg, iop, sol.choice, "dots"),
+                         float(inputs + sum(local.get(t, g.tensors[t].nbytes) for t in lg.dots_saved)))
 
 
-def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int]) -> float:
-    """Seconds a recomputation of G's forward half takes under ``choice``, from the ILP's own
-    terms: Σ over the forward ops the residuals depend on (``LayerGraph.recomputed_ops``) of the
-    chosen strategy's node cost (compute + its collectives) + Σ over edges out of those ops into
-    one of them or into a backward op (a residual resharded for its reader) of their resharding.
-    What only makes the layer's outputs is not run again. Every term is one of the objective's,
-    so this is <= G's time."""
-    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in lg.recomputed_ops)
+def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int], policy: str = "full") -> float:
+    """Seconds a recomputation (``policy`` "full" or "dots") of G's forward half takes under
+    ``choice``, from the ILP's own terms: Σ over the forward ops it runs again
+    (``LayerGraph.recomputed_ops`` or ``dots_recomputed_ops``) of the chosen strategy's node cost
+    (compute + its collectives) + Σ over the edges it reshards again (``LayerGraph.reruns``). What
+    only makes the layer's outputs is not run again. Every term is one of the objective's, so this
+    is <= G's time."""
+    ops = lg.recomputed_ops if policy == "full" else lg.dots_recomputed_ops
+    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in ops)
     edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges
-                if lg.reruns(e.src, e.dst))
+                if lg.reruns(e.src, e.dst, policy))
     return max(nodes + edges, 0.0)
 
 

@@ -591,7 +591,7 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
     update: reading and writing ``factor`` bytes per weight byte), memory figures."""
     L, V = len(layers), len(views)
     hbm = st.cluster.device.hbm_bandwidth
-    arr = {k: np.zeros((L, V)) for k in ("t", "u", "w", "r", "p", "f", "i")}
+    arr = {k: np.zeros((L, V)) for k in ("t", "u", "w", "r", "p", "f", "i", "df", "db")}
     for li, sig in enumerate(sigs):
         diff_w = _diff_weight_fraction(layers[li], graphs[sig])
         for v, view in enumerate(views):
@@ -602,10 +602,11 @@ def _layer_costs(prog: StepProgram, layers: list[Layer], sigs: list[str], graphs
             arr["u"][li, v] = 2 * factor * s.weight_bytes * diff_w / hbm + s.collectives.sync_s
             arr["w"][li, v], arr["r"][li, v], arr["p"][li, v] = s.weight_bytes, s.residual_bytes, s.peak_bytes
             arr["f"][li, v], arr["i"][li, v] = s.forward_s, s.input_bytes
+            arr["df"][li, v], arr["db"][li, v] = s.dots_forward_s, s.dots_bytes
     pair = _pair_costs(layers, sigs, graphs, sols, views, st.cluster)
     fwd, bwd = _send_bytes(layers, prog)
     return LayerCosts(tuple(views), arr["t"], arr["u"], arr["w"], arr["r"], arr["p"], pair, fwd, bwd,
-                      forward_s=arr["f"], input_bytes=arr["i"])
+                      forward_s=arr["f"], input_bytes=arr["i"], dots_forward_s=arr["df"], dots_bytes=arr["db"])
 
 
 def _diff_weight_fraction(layer: Layer, lg: LayerGraph) -> float:
@@ -757,15 +758,15 @@ def _assemble(args: Sequence[Any], graph: OpGraph, mesh: Any, st: _Settings, c: 
         view = c.views[v]
         t, u = float(dpi.compute_cost[i, j, s]), float(dpi.once_cost[i, j, s])
         held = B if st.schedule == "gpipe" else min(B, len(c.stages) - p)
-        remat = tab.recomputes(i, j, s)
-        extra, keep_b, remat_b = remat_figures(c.costs, i, j, v) if remat else (0.0, 0.0, 0.0)
+        remat, policy = tab.recomputes(i, j, s), tab.policy(i, j, s)
+        extra, keep_b, remat_b = remat_figures(c.costs, i, j, v, policy) if remat else (0.0, 0.0, 0.0)
         stages.append(StageInfo((i, j), c.submeshes[s], devs, t + u, tab.memory_bytes(i, j, s, held),
-                                view, t, u, held, remat, extra, keep_b - remat_b))
+                                view, t, u, held, remat, extra, keep_b - remat_b, policy))
         for li in range(i, j + 1):
             sol = layer_sols[li] = c.sols[(c.sigs[li], view)]
             layer_plans[li] = LayerPlan(view, sol.layouts, sol.in_specs, sol.out_specs)
         parts.append(_stage_parts(c, i, j, view, t, extra))
-        spans.append(StageSpan((i, j), view, len(devs), remat))
+        spans.append(StageSpan((i, j), view, len(devs), remat, policy))
     info = PipelineInfo(B, st.schedule, c.cost, bubble_fraction(t_list, B),
                         None if one is None else one.cost.total_s,
                         tuple(layer.first_eqn for layer in c.layers), c.prog.batch_leaves,

@@ -131,10 +131,10 @@ class PipelineRunner:
                     graphs[sig] = layer_graph(layer, frozenset(weights))
                 lp = info.layer_plans[layer.index]
                 halves.append(split_layer(layer, graphs[sig], lp, view_cluster(cluster, lp.view), mesh,
-                                          self.defer_gradients))
+                                          self.defer_gradients, st.remat_policy))
             later = {v for lay in layers[st.layers[1] + 1:] for v in lay.inputs}
             self.stages.append(build_stage(p, halves, mesh, weights, micro, later, loss.outvars,
-                                           1.0 / info.num_microbatches, st.remat))
+                                           1.0 / info.num_microbatches, st.remat, st.remat_policy == "dots"))
         self.update = StageUpdates(self.prog, self.stages, self.full_mesh, _state_pairs(self.prog, args, plan))
 
     # ---- running --------------------------------------------------------------------

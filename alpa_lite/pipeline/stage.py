@@ -65,10 +65,54 @@ class LayerHalves:
     weight_res: list[int]  # layer input positions of the weights the backward reads
     num_res: int  # residuals the forward returns
     deferred: dict[int, Deferral] = field(default_factory=dict)  # by backward output: stacked partials
+    # "dots" (``dots_layer``): fn(*layer inputs) -> [outputs..., saved matmul outputs...], and
+    # fn(*layer inputs, *saved matmul outputs) -> [residuals...]
+    fwd_dots: Any = None
+    rerun_dots: Any = None
 
 
 def split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterSpec, mesh: Any,
-                defer: bool = True) -> LayerHalves:
+                defer: bool = True, policy: str = "keep") -> LayerHalves:
+    """The halves of ``layer``'s planned graph; with ``policy="dots"`` also its "dots" bodies."""
+    h = _split_layer(layer, lg, plan, cluster, mesh, defer)
+    if policy == "dots":
+        h.fwd_dots, h.rerun_dots = _dots_bodies(lg, plan, cluster, mesh)
+    return h
+
+
+def _dots_bodies(lg: LayerGraph, plan: LayerPlan, cluster: ClusterSpec, mesh: Any) -> tuple[Any, Any]:
+    """A "dots" layer's forward, returning its outputs and the matmul outputs it saves
+    (``LayerGraph.dots_saved``), and its recomputation: the residuals from the layer inputs and
+    those saved matmuls, running only ``LayerGraph.dots_recomputed_ops``."""
+    g = lg.graph
+    saved = list(lg.dots_saved)
+    saved_specs = [_reader_spec(lg, plan, t, lg.dots_recomputed_ops) for t in saved]
+    fwd_ops = [g.ops[v] for v in lg.fwd_ops]
+    fwd_lay = [plan.layouts[v] for v in lg.fwd_ops]
+    fwd = make_body(OpGraph(g.tensors, tuple(fwd_ops), g.inputs[:lg.num_inputs],
+                            tuple(g.outputs[:lg.num_outputs]) + tuple(saved)),
+                    fwd_lay, [*plan.out_specs[:lg.num_outputs], *saved_specs], cluster, mesh)
+    weights = {g.inputs[k] for k in lg.weight_residuals}
+    other = [t for t in lg.residuals if t not in weights]
+    ops, lays = [], []
+    for v in lg.fwd_ops:  # the layer inputs and constants first, then the saved matmuls, then the rest
+        if g.ops[v].kind in ("parameter", "constant"):
+            ops.append(g.ops[v])
+            lays.append(plan.layouts[v])
+    for k, (t, spec) in enumerate(zip(saved, saved_specs)):
+        ops.append(parameter_op(lg.num_inputs + k, t, len(g.ops) + k))
+        lays.append(OpLayout((spec or ShardingSpec.replicated(g.tensors[t].rank),), (), spec is None))
+    for v in lg.fwd_ops:
+        if v in lg.dots_recomputed_ops:
+            ops.append(g.ops[v])
+            lays.append(plan.layouts[v])
+    rerun = make_body(OpGraph(g.tensors, tuple(ops), (), tuple(other)), lays,
+                      [_residual_spec(lg, plan, t) for t in other], cluster, mesh)
+    return fwd, rerun
+
+
+def _split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterSpec, mesh: Any,
+                 defer: bool) -> LayerHalves:
     g = lg.graph
     if len(plan.layouts) != len(g.ops):
         raise ValueError(f"layer {layer.index}: the plan has {len(plan.layouts)} ops, the traced layer "
@@ -87,6 +131,17 @@ def split_layer(layer: Layer, lg: LayerGraph, plan: LayerPlan, cluster: ClusterS
                     [plan.in_specs[k] for k in weight_res] + res_specs, cluster, mesh, deferred)
     return LayerHalves(layer, plan, fwd, bwd, weight_res, len(other),
                        {pos - lg.num_outputs: d for pos, d in deferred.items()})
+
+
+def _reader_spec(lg: LayerGraph, plan: LayerPlan, t: int, ops: frozenset[int]) -> ShardingSpec | None:
+    """The spec the first of ``ops`` (else of the backward half) reading ``t`` wants it in: how a
+    saved matmul output is held, so that the recomputation reads it without resharding."""
+    g = lg.graph
+    for v in lg.fwd_ops:
+        op = g.ops[v]
+        if v in ops and t in op.operands and not plan.layouts[v].free:
+            return plan.layouts[v].ins[op.operands.index(t)]
+    return _residual_spec(lg, plan, t)
 
 
 def _residual_spec(lg: LayerGraph, plan: LayerPlan, t: int) -> ShardingSpec | None:
@@ -165,6 +220,7 @@ class StageProgram:
     stacked: dict[Var, tuple[str, ...]] = field(default_factory=dict)  # accumulators kept unreduced
     seed: float = 0.0  # cotangent of the loss, when this stage computes it (1/B)
     remat: bool = False  # the backward recomputes each layer's forward from its saved inputs
+    dots: bool = False  # ... and its saved matmul outputs (``remat_policy`` "dots")
     loss_var: Any = None
     fwd: Any = None
     bwd: Any = None
@@ -208,7 +264,7 @@ def stage_mesh(devices: Sequence[Any], view: Sequence[int]) -> jax.sharding.Mesh
 
 def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[Var], micro: set[Var],
                 later_reads: set[Var], loss_outvars: Sequence[Any], seed: float,
-                remat: bool = False) -> StageProgram:
+                remat: bool = False, dots: bool = False) -> StageProgram:
     made = {v for h in halves for v in h.layer.outputs}
     reads = list(dict.fromkeys(v for h in halves for v in h.layer.inputs if v not in made))
     diff = {v for h in halves for v, d in zip(h.layer.inputs, h.layer.diff_in) if d}
@@ -218,7 +274,7 @@ def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[V
                       [v for v in reads if v in micro], [v for v in reads if v not in weights | micro],
                       outs, [v for v in outs if v in diff and v in later_reads], [], [])
     sp.ct_out = [v for v in sp.acts_in if v in diff]
-    sp.remat = remat
+    sp.remat, sp.dots = remat, remat and dots
     sp.accums = [v for v in sp.weights if v in diff]
     for h in halves:
         for k, v in enumerate(h.layer.inputs):
@@ -262,10 +318,13 @@ def _forward(sp: StageProgram) -> Any:
         residuals = []
         for h in sp.halves:
             xs = [_constrain(sp.mesh, env[v], s) for v, s in zip(h.layer.inputs, h.plan.in_specs)]
-            outs = h.fwd(*xs)
+            outs = (h.fwd_dots if sp.dots else h.fwd)(*xs)
             n = len(h.layer.outputs)
             env.update(zip(h.layer.outputs, outs[:n]))
-            residuals.append(_saved_inputs(sp, h, xs) if sp.remat else outs[n:])
+            if sp.dots:  # the inputs, then the matmul outputs the recomputation reads
+                residuals.append([*_saved_inputs(sp, h, xs), *outs[n:]])
+            else:
+                residuals.append(_saved_inputs(sp, h, xs) if sp.remat else outs[n:])
         return [env[v] for v in sp.acts_out], residuals
 
     return fwd
@@ -318,6 +377,8 @@ def _recompute(sp: StageProgram, h: LayerHalves, w: dict[Var, Any], saved: list[
     saved, cts = jax.lax.optimization_barrier((list(saved), list(cts)))
     it = iter(saved)
     xs = [_constrain(sp.mesh, w[v], s) if v in w else next(it) for v, s in zip(h.layer.inputs, h.plan.in_specs)]
+    if sp.dots:
+        return list(h.rerun_dots(*xs, *it)), cts
     return h.fwd(*xs)[len(h.layer.outputs):], cts
 
 

@@ -191,7 +191,8 @@ def remat_text(stage: Any) -> str:
     microbatch) and saves (bytes per device held per microbatch in flight), or "keeps"."""
     if not getattr(stage, "remat", False):
         return "keeps"
-    return (f"recomputes: +{fmt_s(stage.remat_extra_s)}/microbatch, "
+    how = " all but matmul outputs (dots)" if getattr(stage, "remat_policy", "full") == "dots" else ""
+    return (f"recomputes{how}: +{fmt_s(stage.remat_extra_s)}/microbatch, "
             f"holds {fmt_bytes(stage.remat_saved_bytes)}/microbatch less")
 
 

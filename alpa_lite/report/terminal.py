@@ -121,7 +121,7 @@ def _stages_table(plan: Any) -> Table:
     for i, st in enumerate(plan.stages):
         t.add_row(str(i), layer_text(st), "×".join(map(str, st.submesh)), "×".join(map(str, st.view)),
                   _device_range(st.devices), fmt_s(st.t_s), fmt_s(st.u_s), fmt_bytes(st.memory_bytes),
-                  str(st.inflight), "yes" if st.remat else "no")
+                  str(st.inflight), (getattr(st, "remat_policy", "full") if st.remat else "no"))
     return t
 
 

@@ -84,9 +84,10 @@ class StageInfo:
     is t_i + u_i, ``t_s`` its forward+backward per microbatch, ``u_s`` its once-per-step work,
     ``view`` the logical (dp, tp) shape of its sub-mesh, ``memory_bytes`` per device with its
     in-flight microbatches' activations. ``remat``: its layers recompute their forward in the
-    backward pass, holding only their inputs per microbatch; that adds ``remat_extra_s`` to t_s
-    and holds ``remat_saved_bytes`` fewer bytes per device per microbatch in flight (residuals
-    minus inputs; both 0 when it keeps its activations)."""
+    backward pass, holding only their inputs per microbatch (``remat_policy`` "full"), or their
+    inputs and matmul outputs ("dots"); that adds ``remat_extra_s`` to t_s and holds
+    ``remat_saved_bytes`` fewer bytes per device per microbatch in flight (residuals minus what it
+    holds; both 0 when it keeps its activations)."""
 
     layers: tuple[int, int]
     submesh: tuple[int, ...]
@@ -100,6 +101,11 @@ class StageInfo:
     remat: bool = False
     remat_extra_s: float = 0.0
     remat_saved_bytes: float = 0.0
+    remat_policy: str = "keep"  # a REMAT_POLICIES entry: "keep", "full" or "dots"
+
+    def __post_init__(self) -> None:
+        if self.remat and self.remat_policy == "keep":  # a recomputing stage made without a policy: full
+            object.__setattr__(self, "remat_policy", "full")
 
 
 @dataclass(frozen=True)
@@ -309,7 +315,7 @@ class Plan:
         """Per layer, a ``REMAT_POLICIES`` entry: "keep", "dots" (all but matmul outputs
         recomputed) or "full" (a pipeline stage that recomputes does so in full)."""
         if self.pipeline is not None:
-            return tuple("full" if s.remat else "keep" for s in self.stages
+            return tuple(s.remat_policy if s.remat else "keep" for s in self.stages
                          for _ in range(s.layers[0], s.layers[1] + 1))
         return () if self.layer_remat is None else self.layer_remat.policies
 
@@ -401,7 +407,8 @@ class Plan:
                         "devices": list(s.devices), "cost_s": s.cost_s,
                         "memory_bytes": s.memory_bytes, "view": list(s.view), "t_s": s.t_s,
                         "u_s": s.u_s, "inflight": s.inflight, "remat": s.remat,
-                        "remat_extra_s": s.remat_extra_s, "remat_saved_bytes": s.remat_saved_bytes}
+                        "remat_extra_s": s.remat_extra_s, "remat_saved_bytes": s.remat_saved_bytes,
+                        "remat_policy": s.remat_policy}
                        for s in self.stages],
             "static_argnums": list(self.static_argnums), "donate_argnums": list(self.donate_argnums),
             "static_values": list(self.static_values),
@@ -480,7 +487,8 @@ class Plan:
                                    tuple(s.get("view", ())), float(s.get("t_s", 0.0)),
                                    float(s.get("u_s", 0.0)), int(s.get("inflight", 1)),
                                    _flag(s.get("remat", False)), float(s.get("remat_extra_s", 0.0)),
-                                   float(s.get("remat_saved_bytes", 0.0)))  # absent in older files
+                                   float(s.get("remat_saved_bytes", 0.0)),  # absent in older files
+                                   _policy(s.get("remat_policy", "keep")))
                          for s in d["stages"]),
             static_argnums=tuple(d["static_argnums"]), donate_argnums=tuple(d["donate_argnums"]),
             static_values=tuple(str(v) for v in d.get("static_values", ())),
@@ -494,6 +502,12 @@ class Plan:
     def with_runtime(self, graph: Any = None, mesh: Any = None) -> Plan:
         return replace(self, graph=graph if graph is not None else self.graph,
                        mesh=mesh if mesh is not None else self.mesh)
+
+
+def _policy(x: Any) -> str:
+    if x not in REMAT_POLICIES:
+        raise PlanFileError(f"plan file has remat_policy={x!r}, not one of {REMAT_POLICIES}: the file is corrupt")
+    return str(x)
 
 
 def _flag(x: Any) -> bool:

@@ -171,3 +171,29 @@ def test_gpt_pipeline_with_remat_equals_unsharded():
     print(report)
     assert report.ok, report.flagged
     assert_steps_equal(plan.compile(fn), fn, args, n_state=2, steps=2, atol=1e-4)
+
+
+def test_dots_between_keeping_and_recomputing_in_full():
+    """A budget between the full-recompute plan's largest stage and what holding the matmul
+    outputs too needs: the default takes "dots" (``dots_saveable``: matmul outputs held, the rest
+    recomputed, less forward run again than in full) on both stages. It runs equal to the
+    unsharded step; compiled, each stage holds less than keeping and more than recomputing in
+    full, its backward runs part of the forward again, and the collectives are as predicted."""
+    keep, full = planned(False)[2], planned(True)[2]
+    budget = max(s.memory_bytes for s in full.stages) * 1.14  # above "dots" on both stages (+12 %)
+    fn, args, plan = planned(None, budget)
+    assert [s.remat_policy for s in plan.stages] == ["dots", "dots"] and plan.remat_policies == ("dots",) * 4
+    for d, f, k in zip(plan.stages, full.stages, keep.stages):
+        assert 0 < d.remat_extra_s < f.remat_extra_s and 0 < d.remat_saved_bytes < f.remat_saved_bytes
+        assert f.memory_bytes < d.memory_bytes <= budget < k.memory_bytes
+    assert_steps_equal(plan.compile(fn), fn, args, n_state=2, steps=2, atol=1e-4)
+    report = plan.check(fn, *args)
+    keep_c, full_c = checked(False), checked(True)
+    for d, f, k in zip(report.stages, full_c.stages, keep_c.stages):
+        assert f.compiled_memory_bytes < d.compiled_memory_bytes < k.compiled_memory_bytes
+        flops = [{p.name: p.stats.flops for p in c.programs}["bwd"] for c in (k, d, f)]
+        assert flops[0] < flops[1] < flops[2]
+    assert report.ok, report.flagged
+    loaded = al.Plan.from_json(plan.to_json())
+    assert [s.remat_policy for s in loaded.stages] == ["dots", "dots"]
+    assert "all but matmul outputs (dots)" in plan.summary()

@@ -133,3 +133,31 @@ def test_tables_match_enumeration_and_dp_matches_brute_force(seed):
     assert cost == pytest.approx(want_cost) or cost == want_cost == math.inf
     never = stage_tables(c, shapes, tuple((0, 1, 2) for _ in shapes), N, M, B, budget, (FREE,) * len(shapes))
     assert np.all(never.dp_input.compute_cost >= tab.dp_input.compute_cost)  # remat only adds options
+
+
+def dots_tables(budget, remat="auto"):
+    """The two layers above with "dots" offered: 0.1 s of forward run again per layer, 3 B held
+    per microbatch (inputs and saved matmul outputs)."""
+    c = costs()
+    c = LayerCosts(c.views, c.time_s, c.update_s, c.weight_bytes, c.residual_bytes, c.peak_bytes, c.pair_s,
+                   c.send_fwd_bytes, c.send_bwd_bytes, forward_s=c.forward_s, input_bytes=c.input_bytes,
+                   dots_forward_s=np.full((2, 1), 0.1), dots_bytes=np.full((2, 1), 3.0))
+    return stage_tables(c, ((1, 1),), ((0,),), 1, 1, 4, budget, (FREE,), weight_factor=4.0, remat=remat)
+
+
+DOTS_NEED = 4 * 20 + (5 + 5) + 4 * (3 + 3)  # as REMAT_NEED, with 3 B per layer per microbatch: 114
+
+
+@pytest.mark.parametrize("budget, policy, t", [(KEEP_NEED, "keep", 2.0), (DOTS_NEED, "dots", 2.2),
+                                               (DOTS_NEED - 1, "full", 2.8)])
+def test_dots_is_chosen_between_keeping_and_recomputing_in_full(budget, policy, t):
+    tab = dots_tables(float(budget))
+    assert tab.policy(0, 1, 0) == policy and tab.recomputes(0, 1, 0) == (policy != "keep")
+    assert tab.dp_input.compute_cost[0, 1, 0] == pytest.approx(t)
+    if policy == "dots":
+        assert tab.memory_bytes(0, 1, 0, 4) == pytest.approx(DOTS_NEED)
+
+
+def test_remat_always_is_full_even_with_dots_offered():
+    assert dots_tables(math.inf, "always").policy(0, 1, 0) == "full"
+    assert dots_tables(math.inf, "never").policy(0, 1, 0) == "keep"
