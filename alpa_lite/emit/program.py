@@ -87,7 +87,11 @@ def make_body(graph: OpGraph, layouts: Sequence[OpLayout], output_specs: Sequenc
         for op, lay in zip(graph.ops, layouts):
             if op.index in barriers:  # a recomputation starts here (``OpGraph.barriers``)
                 group = [t for t in barriers[op.index] if t in env and t not in constants]
-                env.update(zip(group, lax.optimization_barrier([env[t] for t in group])))
+                outs = lax.optimization_barrier([env[t] for t in group])
+                # XLA's partitioner does not carry shardings through the barrier: each result is
+                # constrained to its operand's spec again (else it is gathered to replicated)
+                env.update({t: x if t not in produced or produced[t].is_partial else constrain(x, produced[t])
+                            for t, x in zip(group, outs)})
                 for key in [key for key in moved if key[0] in group]:  # resharded before it: stale
                     del moved[key]
             if op.kind == "parameter":

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from alpa_lite.intra.planner import plan_one_stage
-from alpa_lite.ir.errors import CutOffError, InfeasibleError
+from alpa_lite.ir.errors import CutOffError, InfeasibleError, PlanningError
 from alpa_lite.ir.graph import OpGraph
 from alpa_lite.pipeline.checkpointing import checkpointed_step, loss_program
 from alpa_lite.pipeline.program import layer_starts
@@ -102,6 +102,9 @@ def _search(plan_with: Callable[..., Plan], starts: Sequence[int], remat: str, m
             return True
         except InfeasibleError as e:
             tried.append(f"{what}: does not fit ({str(e)[:160]})")
+            return False
+        except PlanningError as e:  # no plan found in time: treated as not fitting
+            tried.append(f"{what}: no plan found ({str(e)[:160]})")
             return False
         tried.append(f"{what}: {_ms(plan)}")
         found.append((plan.cost.total_s, len(found), policies, plan))
