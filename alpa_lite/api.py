@@ -28,7 +28,7 @@ from alpa_lite.ir.signature import leaf_signature
 from alpa_lite.pipeline import layers
 from alpa_lite.pipeline.one_stage import plan_one_stage_remat
 from alpa_lite.pipeline.planner import check_one_stage_remat, plan_pipeline, remat_mode
-from alpa_lite.pipeline.program import uses_value_and_grad
+from alpa_lite.pipeline.program import TracedStep, pipelined_step
 from alpa_lite.result.plan import Plan
 
 
@@ -54,16 +54,18 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
     if not time_limit_s > 0:
         raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
     remat_mode(remat)  # a bad value fails before any tracing
-    if num_stages not in (None, 1) or (num_stages is None and method == "auto"
-                                       and _uses_pipeline_markers(fn, args, static_argnums)):
+    traced = None  # the step's trace when it pipelines, made once for the choice and the planner
+    if num_stages is None and method == "auto":
+        traced = _pipelined_step(fn, args, static_argnums)
+    if num_stages not in (None, 1) or traced is not None:
         (progress or (lambda phase: None))("DP")
         return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
                              memory_budget=memory_budget, num_stages=num_stages,
                              num_microbatches=num_microbatches, batch_argnums=batch_argnums,
                              static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress,
-                             remat=remat)
+                             remat=remat, traced=traced)
     mode = remat_mode(remat)
-    if mode != "never" and (method == "auto" or mode == "always") and _uses_pipeline_markers(fn, args, static_argnums):
+    if mode != "never" and (method == "auto" or mode == "always") and _pipelined_step(fn, args, static_argnums):
         return plan_one_stage_remat(fn, *args, remat=mode if method == "auto" else "always", mesh=mesh,
                                     cluster=cluster, method=method, memory_budget=memory_budget,
                                     batch_argnums=batch_argnums, donate_argnums=donate_argnums,
@@ -74,10 +76,11 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
                           static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
 
 
-def _uses_pipeline_markers(fn: Callable[..., Any], args: Sequence[Any], static_argnums: Sequence[int]) -> bool:
-    """Whether ``fn`` computes its gradients with ``al.value_and_grad`` (one ``make_jaxpr``):
-    then ``num_stages=None`` weighs pipelines against one stage."""
-    return uses_value_and_grad(fn, args, tuple(sorted(i % len(args) for i in static_argnums)) if args else ())
+def _pipelined_step(fn: Callable[..., Any], args: Sequence[Any], static_argnums: Sequence[int]) -> TracedStep | None:
+    """The step's trace when ``fn`` computes its gradients with ``al.value_and_grad`` (one
+    ``make_jaxpr``, reused by the pipeline planner): then ``num_stages=None`` weighs pipelines
+    against one stage."""
+    return pipelined_step(fn, args, tuple(sorted(i % len(args) for i in static_argnums)) if args else ())
 
 
 def clear_caches() -> None:

@@ -69,9 +69,12 @@ class ReshardStep:
         return f"{self.collective or 'slice'} → {self.spec}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def reshard(src: ShardingSpec, dst: ShardingSpec, tensor: TensorInfo,
             cluster: ClusterSpec) -> tuple[float, tuple[Collective, ...]]:
-    """Seconds and collectives of the cheapest way from ``src`` to ``dst`` (0, () when equal)."""
+    """Seconds and collectives of the cheapest way from ``src`` to ``dst`` (0, () when equal);
+    memoised as the path is: a matrix reads the same pair again for every edge whose candidate
+    lists differ elsewhere."""
     steps = reshard_path(src, dst, tensor, cluster)
     colls = tuple(s.collective for s in steps if s.collective is not None)
     return sum(collective_time(c, cluster) for c in colls), colls

@@ -118,13 +118,13 @@ def stage_tables(costs: LayerCosts, submeshes: tuple[tuple[int, int], ...],
     sums = _LayerSums.of(costs, remat != "never")
     inner = _inner_pairs(costs.pair_s)
     out = _Out.empty(L, S, schedule == "1f1b", remat != "never")
-    for i in range(L):
-        for j in range(i, L):
-            opts = sums.options(i, j, inner[i, j], weight_factor, remat)
-            for s, (shape, vs) in enumerate(zip(submeshes, submesh_views)):
-                _fill(out, (i, j, s), opts, _span(sums.u, i, j), list(vs), B, memory_budget, schedule)
-                if out.view[i, j, s] >= 0:
-                    out.t[i, j, s] += _send_s(costs, i, j, L, num_devices(shape), send_link[s])
+    for i in range(L):  # every stage from layer i at once: the rows j = i..L-1
+        opts = sums.options(i, inner[i, i:], weight_factor, remat)
+        uv = _span(sums.u, i)
+        for s, (shape, vs) in enumerate(zip(submeshes, submesh_views)):
+            _fill(out, i, s, opts, uv, list(vs), B, memory_budget, schedule)
+            placed = out.view[i, i:, s] >= 0
+            out.t[i, i:, s] += np.where(placed, _send_s(costs, i, L, num_devices(shape), send_link[s]), 0.0)
     inp = StageDPInput(L, tuple(submeshes), num_hosts, devices_per_host, B, out.t, out.u, out.succ)
     return StageTables(inp, out.view, out.mem[0], out.mem[1], out.remat)
 
@@ -173,20 +173,21 @@ class _LayerSums:
                    np.asarray(c.residual_bytes, np.float64) + transient if remat else None,
                    _prefix(c.dots_forward_s) if dots else None, _prefix(c.dots_bytes) if dots else None)
 
-    def options(self, i: int, j: int, pairs: np.ndarray, weight_factor: float, remat: str) -> list[_Option]:
+    def options(self, i: int, pairs: np.ndarray, weight_factor: float, remat: str) -> list[_Option]:
         """Keep, then "dots", then recompute in full (so that the one recomputing less wins a
-        tie), as ``remat`` allows ("always": in full only, Alpa's)."""
-        tv = _span(self.time, i, j) + pairs
-        weights = weight_factor * _span(self.weight, i, j)
+        tie), as ``remat`` allows ("always": in full only, Alpa's): for the stages of layers
+        i..j, every j >= i at once (rows [L − i, V])."""
+        tv = _span(self.time, i) + pairs
+        weights = weight_factor * _span(self.weight, i)
         out = []
         if remat != "always":
-            out.append(_Option(tv, weights + self.transient[i:j + 1].max(axis=0), _span(self.resid, i, j), 0))
+            out.append(_Option(tv, weights + np.maximum.accumulate(self.transient[i:], axis=0),
+                               _span(self.resid, i), 0))
+        live = np.maximum.accumulate(self.live[i:], axis=0) if remat != "never" else None
         if remat == "auto" and self.dots_fwd is not None:
-            out.append(_Option(tv + _span(self.dots_fwd, i, j), weights + self.live[i:j + 1].max(axis=0),
-                               _span(self.dots_held, i, j), 2))
+            out.append(_Option(tv + _span(self.dots_fwd, i), weights + live, _span(self.dots_held, i), 2))
         if remat != "never":
-            out.append(_Option(tv + _span(self.fwd, i, j), weights + self.live[i:j + 1].max(axis=0),
-                               _span(self.inputs, i, j), 1))
+            out.append(_Option(tv + _span(self.fwd, i), weights + live, _span(self.inputs, i), 1))
         return out
 
 
@@ -208,28 +209,33 @@ class _Out:
                    np.zeros((L, L, S), dtype=np.int8) if remat else None)
 
 
-def _fill(out: _Out, ijs: tuple[int, int, int], options: list[_Option], uv: np.ndarray, vs: list[int],
+def _fill(out: _Out, i: int, s: int, options: list[_Option], uv: np.ndarray, vs: list[int],
           B: int, budget: float, schedule: str) -> None:
-    """Pick the fastest (option, view) of one (i, j, s) entry that fits the budget; among equal
-    times the earlier option (keep) and the earlier view."""
+    """Pick, for every entry (i, j, s) with j >= i, the fastest (option, view) that fits the
+    budget; among equal times the earlier option (keep) and the earlier view."""
     inflight = B if schedule == "gpipe" else 1
-    best: tuple[float, _Option, int] | None = None
-    for o in options:
-        need = o.static[vs] + inflight * o.per_mb[vs]
-        cand = np.where(need <= budget, o.time[vs], np.inf)
-        k = int(np.argmin(cand))
-        if np.isfinite(cand[k]) and (best is None or cand[k] < best[0]):
-            best = (float(cand[k]), o, vs[k])
-    if best is None:
-        return
-    _, o, v = best
-    out.t[ijs], out.u[ijs], out.view[ijs] = o.time[v], uv[v], v
-    out.mem[(0, *ijs)], out.mem[(1, *ijs)] = o.static[v], o.per_mb[v]
-    if out.remat is not None:
-        out.remat[ijs] = o.remat
-    if schedule == "1f1b":  # a stage with n stages after it holds min(n + 1, B) microbatches
-        fits_all = o.static[v] + B * o.per_mb[v] <= budget
-        out.succ[ijs] = np.inf if fits_all else np.floor((budget - o.static[v]) / o.per_mb[v]) - 1
+    rows = np.arange(uv.shape[0])
+    best_t, best_o, best_v = np.full(rows.size, np.inf), np.full(rows.size, -1), np.zeros(rows.size, np.int64)
+    for n, o in enumerate(options):
+        need = o.static[:, vs] + inflight * o.per_mb[:, vs]
+        cand = np.where(need <= budget, o.time[:, vs], np.inf)
+        k = np.argmin(cand, axis=1)
+        t = cand[rows, k]
+        better = np.isfinite(t) & (t < best_t)
+        best_t, best_o = np.where(better, t, best_t), np.where(better, n, best_o)
+        best_v = np.where(better, np.asarray(vs)[k], best_v)
+    for n, o in enumerate(options):
+        js = np.flatnonzero(best_o == n)
+        v = best_v[js]
+        out.t[i, i + js, s], out.u[i, i + js, s], out.view[i, i + js, s] = o.time[js, v], uv[js, v], v
+        out.mem[0, i, i + js, s], out.mem[1, i, i + js, s] = o.static[js, v], o.per_mb[js, v]
+        if out.remat is not None:
+            out.remat[i, i + js, s] = o.remat
+        if schedule == "1f1b":  # a stage with n stages after it holds min(n + 1, B) microbatches
+            static, per_mb = o.static[js, v], o.per_mb[js, v]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                limit = np.floor((budget - static) / per_mb) - 1
+            out.succ[i, i + js, s] = np.where(static + B * per_mb <= budget, np.inf, limit)
 
 
 def remat_figures(costs: LayerCosts, i: int, j: int, v: int, policy: str = "full") -> tuple[float, float, float]:
@@ -242,22 +248,22 @@ def remat_figures(costs: LayerCosts, i: int, j: int, v: int, policy: str = "full
     return fwd, float(costs.residual_bytes[i:j + 1, v].sum()), kept
 
 
-def _send_s(costs: LayerCosts, i: int, j: int, L: int, n: int, link: Link) -> float:
-    """Per microbatch: activations to the next stage and gradients to the previous one."""
-    nbytes, transfers = 0.0, 0
-    if j + 1 < L and costs.send_fwd_bytes[j + 1] > 0:
-        nbytes += float(costs.send_fwd_bytes[j + 1])
-        transfers += 1
-    if i > 0 and costs.send_bwd_bytes[i] > 0:
-        nbytes += float(costs.send_bwd_bytes[i])
-        transfers += 1
+def _send_s(costs: LayerCosts, i: int, L: int, n: int, link: Link) -> np.ndarray:
+    """Per microbatch, for the stages of layers i..j, every j >= i: activations to the next
+    stage and gradients to the previous one."""
+    nxt = np.asarray(costs.send_fwd_bytes[i + 1:], dtype=np.float64)  # cut after layer j, [L − i]
+    fwd = (np.arange(i, L) + 1 < L) & (nxt > 0)
+    back = i > 0 and costs.send_bwd_bytes[i] > 0
+    nbytes = np.where(fwd, nxt, 0.0) + (float(costs.send_bwd_bytes[i]) if back else 0.0)
+    transfers = fwd.astype(np.int64) + int(back)
     return transfers * link.alpha + nbytes / (n * link.beta)
 
 
-def _span(cum: tuple[np.ndarray, np.ndarray], i: int, j: int) -> np.ndarray:
-    """Σ_{l=i..j} from ``_prefix``: inf where a layer in the range is inf."""
+def _span(cum: tuple[np.ndarray, np.ndarray], i: int) -> np.ndarray:
+    """Σ_{l=i..j} from ``_prefix`` for every j >= i (rows [L − i, ...]): inf where a layer in
+    the range is inf."""
     finite, infs = cum
-    return np.where(infs[j + 1] > infs[i], np.inf, finite[j + 1] - finite[i])
+    return np.where(infs[i + 1:] > infs[i], np.inf, finite[i + 1:] - finite[i])
 
 
 def _prefix(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -142,7 +142,8 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
                   static_argnums: Sequence[int] = (), time_limit_s: float = 60.0, schedule: str = "gpipe",
                   num_layers: int | None = None, layer_time_limit_s: float = LAYER_TIME_LIMIT_S,
                   logical_views: str = "auto", compare_one_stage: bool = True,
-                  progress: Callable[[str], None] | None = None, remat: bool | None = None) -> Plan:
+                  progress: Callable[[str], None] | None = None, remat: bool | None = None,
+                  traced: TracedStep | None = None) -> Plan:
     """Plan ``fn(*args)`` as a pipeline (or one stage when that is predicted no slower).
 
     Beyond ``al.plan``'s arguments: ``schedule`` ("gpipe" or "1f1b"), ``num_layers`` (cluster the
@@ -158,9 +159,12 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
 
     ``remat``: None lets the stage DP choose per stage whether its layers recompute their forward
     in the backward pass (only where that fits when keeping does not, or is faster: keeping wins a
-    tie); False never recomputes; True makes every stage recompute, and rules the one-stage
-    candidate out (beside pipelines it keeps every activation; ``num_stages=1`` plans one stage
-    with per-layer recomputation, ``one_stage.plan_one_stage_remat``).
+    tie, then "dots"); False never recomputes; True makes every stage recompute in full, and rules
+    the one-stage candidate out (beside pipelines it keeps every activation; ``num_stages=1`` plans
+    one stage with per-layer recomputation, ``one_stage.plan_one_stage_remat``).
+
+    ``traced``: the step's full-batch trace (``program.pipelined_step``) when the caller already
+    made it with these arguments (``al.plan`` does, to choose this path); else it is traced here.
     """
     progress = progress or (lambda phase: None)
     mode = remat_mode(remat)
@@ -191,7 +195,7 @@ def plan_pipeline(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster:
             timings["one_stage_s"] = time.perf_counter() - t1
 
     search = _Search([])
-    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, search)
+    best = _search_microbatches(fn, args, st, num_microbatches, timings, progress, search, traced)
     tried = search.tried
     one_fits = search.one_stage_floor is None or search.one_stage_floor <= st.capacity
     if best is None or not np.isfinite(best.cost):
@@ -335,7 +339,7 @@ def _search_note(tried: Sequence[int], given: int | None) -> str:
 
 def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Settings, given: int | None,
                          timings: dict[str, float], progress: Callable[[str], None],
-                         search: _Search) -> Candidate | None:
+                         search: _Search, traced: TracedStep | None = None) -> Candidate | None:
     """The best candidate over B = 1, 2, 4, ... (each B solves the layers again: their shapes
     change), tried from both ends: B = 1 and the largest count, then inward from the cheaper of
     the two (B = 1 on ties) until a count does not improve. A deep pipeline's best B is large
@@ -345,7 +349,8 @@ def _search_microbatches(fn: Callable[..., Any], args: Sequence[Any], st: _Setti
     sizes = {int(np.shape(leaves[k])[0]) for k in st.batch if np.ndim(leaves[k])}
     batch_size = min(sizes) if sizes else 1
     tick = time.perf_counter()
-    traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
+    if traced is None:
+        traced = trace_step(fn, args, st.static)  # the full batch: the same for every B
     _add_time(timings, "trace_s", tick)
 
     def attempt(B: int) -> Candidate | None:

@@ -122,17 +122,18 @@ def _aval(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x))
 
 
-def uses_value_and_grad(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> bool:
-    """Whether the step calls ``al.value_and_grad`` (at its top level, jits inlined). False when
-    it cannot be traced as given: planning one stage then reports why (``tracing.tracer.trace``)."""
-    flat_fn, leaves, _ = flat_function(fn, args, static)
+def pipelined_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> TracedStep | None:
+    """The step's full-batch trace (``trace_step``) when it calls ``al.value_and_grad``, else
+    None (also when it cannot be traced as given). ``al.plan`` asks this to choose the pipeline
+    path and hands the trace on, so that the step is traced once for both."""
+    leaves = jax.tree.leaves([a for i, a in enumerate(args) if i not in static])
     if not all(hasattr(x, "dtype") or isinstance(x, (bool, int, float, complex)) for x in leaves):
-        return False
+        return None
     try:
-        jaxpr = _trace(flat_fn, [_aval(x) for x in leaves]).jaxpr
+        traced = trace_step(fn, args, static)
     except Exception:  # noqa: BLE001 - bad arguments get the one-stage path's clear error
-        return False
-    return bool(vag_positions(jaxpr))
+        return None
+    return traced if vag_positions(traced.full.jaxpr) else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,6 +17,9 @@ from dp_stages import (
     stage_dp,
     submesh_shapes,
 )
+from dp_stages.brute import _cost as brute_cost
+from dp_stages.brute import _ranges as brute_ranges
+from dp_stages.dp import _dp, prepare
 
 
 def make_input(t, *, N=1, M=2, B=1, u=None, succ=None, submeshes=None):
@@ -291,3 +294,42 @@ def test_caps_below_the_first_feasible_one_are_skipped_exactly(seed):
     assert cost == pytest.approx(want, rel=1e-9)
     assert_valid(inp, plan)
     assert plan.t_max > 1.0  # the plan needed a cap above every cheap entry
+
+
+def _lexicographic_brute_force(inp):
+    """Least Σ t (no caps, B ignored) by enumeration, ties broken as the DP's argmin breaks
+    them: fewest stages when stage limits bind, then the lexicographically least sequence of
+    (sub-mesh, last layer) from the first stage."""
+    L, total = inp.num_layers, inp.num_hosts * inp.devices_per_host
+    sizes = [h * m for h, m in inp.submeshes]
+    found = []
+    for cuts in itertools.product((False, True), repeat=L - 1):
+        ranges = brute_ranges(L, cuts)
+        for subs in itertools.product(range(len(sizes)), repeat=len(ranges)):
+            stages = tuple((i, j, s) for (i, j), s in zip(ranges, subs, strict=True))
+            if sum(sizes[s] for s in subs) != total or not math.isfinite(brute_cost(inp, stages)):
+                continue
+            sigma = 0.0
+            for i, j, s in reversed(stages):  # summed from the last stage, as the DP does
+                sigma = float(inp.compute_cost[i, j, s]) + sigma
+            found.append((sigma, len(stages) if inp.max_n_succ_stages is not None else 0,
+                          tuple((s, j) for _, j, s in stages), stages))
+    return min(found)[::3] if found else (math.inf, None)
+
+
+@pytest.mark.parametrize("with_succ", [False, True])
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_ties_go_to_the_lowest_submesh_then_the_shortest_stage(seed, with_succ):
+    """On integer tables (ties everywhere, as with a model's identical layers) the DP's plan
+    is fixed by its tie rule; one mask alone or among others in a batch gives the same plan."""
+    rng = np.random.default_rng(500 + seed)
+    inp = random_input(rng, 5, 1, 4, 1, with_u=False, with_succ=with_succ, integer=True)
+    tab = prepare(inp)
+    valid = np.isfinite(tab.t)
+    caps = np.unique(tab.t[valid])
+    masks = valid[None] & (tab.t[None] <= caps[:, None, None, None])
+    batched = _dp(tab, masks)
+    for cap, mask, got in zip(caps, masks, batched, strict=True):
+        capped = make_input(np.where(mask, tab.t, np.inf), N=1, M=4, succ=inp.max_n_succ_stages)
+        assert got == _lexicographic_brute_force(capped), f"cap {cap}"
+        assert _dp(tab, mask[None])[0] == got
