@@ -124,7 +124,8 @@ def target_row(name: str) -> dict:
                microbatches=plan.pipeline.num_microbatches if plan.pipeline else 1,
                stages=[dict(layers=list(s.layers), submesh=list(s.submesh), view=list(s.view or s.submesh),
                             remat=s.remat, memory_bytes=s.memory_bytes, t_s=s.t_s,
-                            remat_extra_s=s.remat_extra_s, remat_saved_bytes=s.remat_saved_bytes)
+                            remat_extra_s=s.remat_extra_s, remat_saved_bytes=s.remat_saved_bytes,
+                            remat_policy=s.remat_policy)
                        for s in plan.stages])
     return rec
 
@@ -152,8 +153,10 @@ def _stages_text(stages: list[dict]) -> str:
         return f"1 stage: {tuple(stages[0]['view'])}"
     parts = [f"{s['layers'][0]}-{s['layers'][1]}: {tuple(s['view'])}" for s in stages[:4]]
     more = f" … ({len(stages)} stages)" if len(stages) > 4 else ""
-    remat = sum(bool(s.get("remat")) for s in stages)
-    return "; ".join(parts) + more + (f"; {remat} of {len(stages)} stages recompute" if remat else "")
+    policies = [s.get("remat_policy", "full") for s in stages if s.get("remat")]
+    counts = ", ".join(f"{policies.count(p)} {p}" for p in ("full", "dots") if p in policies)
+    recompute = f"; {len(policies)} of {len(stages)} stages recompute ({counts})" if policies else ""
+    return "; ".join(parts) + more + recompute
 
 
 if __name__ == "__main__":
