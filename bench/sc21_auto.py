@@ -112,7 +112,7 @@ def _stage_record(st: Any) -> dict[str, Any]:
     # mesh shape (hosts, devices per host), on which the ILP may split over either axis.
     return dict(layers=list(st.layers), submesh=list(st.submesh), view=list(st.view or st.submesh),
                 devices=len(st.devices), remat=st.remat, t_s=st.t_s, u_s=st.u_s,
-                memory_bytes=st.memory_bytes, remat_extra_s=st.remat_extra_s)
+                memory_bytes=st.memory_bytes, remat_extra_s=st.remat_extra_s, remat_policy=st.remat_policy)
 
 
 def plan_auto(s: Shape, what_if: dict[str, Any] | None = None) -> dict[str, Any]:
