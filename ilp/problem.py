@@ -127,6 +127,10 @@ class IlpOptions:
     # Abandon the solve (``CutOffError``) when the LP relaxation's bound on the objective, in
     # seconds, passes this: the caller has a plan at least this fast (``ilp.lp_first``).
     cutoff_s: float | None = None
+    # On a budget no plan meets, search for the least memory a plan needs to say it in the error
+    # (``_PEAK_SOLVE_LIMIT_S`` at most); False: say only that none fits (a caller that weighs
+    # candidates and needs only the verdict).
+    explain_infeasible: bool = True
     # Identical layers solved once (``ilp.symmetry``): refinement rounds (0: never tie), and the
     # smallest model (leader nodes after merging) worth it; small models solve exactly anyway.
     # Rounds = the radius (in edges) of the neighbourhood tied nodes share. Measured on GPT

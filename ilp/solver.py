@@ -372,6 +372,8 @@ def _memory_lower_bound(problem: IlpProblem) -> float:
 
 def _infeasible(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
     """An InfeasibleError saying the budget and the smallest memory any plan needs."""
+    if not options.explain_infeasible:
+        return InfeasibleError(f"no plan fits the memory budget of {format_bytes(_budget(problem))} per device")
     red, simple = _reduce(problem, False)
     model = build_peak_model(simple, red.memory_rows())
     # Any plan is a point of this model: start from the greedy one, so that even when the limit

@@ -66,11 +66,13 @@ def plan_one_stage(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster
                    batch_argnums: Sequence[int] | None = None, donate_argnums: Sequence[int] | None = None,
                    static_argnums: Sequence[int] = (), time_limit_s: float = 60.0,
                    progress: Callable[[str], None] | None = None, graph: OpGraph | None = None,
-                   cutoff_s: float | None = None) -> Plan:
+                   cutoff_s: float | None = None, explain_infeasible: bool = True) -> Plan:
     """``plan(..., num_stages=1)``; ``graph``: ``fn`` already traced on ``args`` (the pipeline
     planner traces the step once for its own plan and this candidate); ``cutoff_s``: raise
     ``CutOffError`` instead of searching when the ILP's LP relaxation shows that no plan costs
-    less (the pipeline planner's best pipeline: a one-stage plan slower than it cannot win)."""
+    less (the pipeline planner's best pipeline: a one-stage plan slower than it cannot win);
+    ``explain_infeasible=False``: when no plan fits, say so without searching for the least
+    memory a plan needs (a candidate search needs the verdict only)."""
     progress = progress or (lambda phase: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def plan_one_stage(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster
     iop = build_problem(sgraph, step.ties, budget, masks)
     timings["ilp_build_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    iop, sol, note = solve(iop, step, budget, masks, method, time_limit_s, cutoff_s)
+    iop, sol, note = solve(iop, step, budget, masks, method, time_limit_s, cutoff_s, explain_infeasible)
     timings["ilp_solve_s"] = time.perf_counter() - t3  # every solve: rows added, fallbacks
     donate = tuple(step.tied_args) if donate_argnums is None else tuple(donate_argnums)
     result = assemble_plan(iop, sol, method=method, mesh=mesh, static=step.static, donate=donate,
@@ -116,7 +118,7 @@ def method_masks(method: str, sgraph: StrategyGraph, step: TracedStep) -> tuple[
 
 
 def solve(iop: IntraOpProblem, step: TracedStep, budget: float, masks: dict[int, list[bool]] | None,
-          method: str, time_limit_s: float, cutoff_s: float | None = None
+          method: str, time_limit_s: float, cutoff_s: float | None = None, explain_infeasible: bool = True
           ) -> tuple[IntraOpProblem, IlpSolution, str]:
     """``iop`` solved within ``budget`` (``fit``), and a note for the plan. "auto" falls back to
     the cheapest baseline when CP-SAT finds nothing in time, and never returns a plan costlier
@@ -126,7 +128,7 @@ def solve(iop: IntraOpProblem, step: TracedStep, budget: float, masks: dict[int,
         iop, sol = solve_within_budget(
             lambda exact: iop if not exact else build_problem(sgraph, step.ties, budget, masks, exact_copies=True,
                                                               all_rows=True),
-            replace(_ilp_options(time_limit_s), cutoff_s=cutoff_s))
+            replace(_ilp_options(time_limit_s), cutoff_s=cutoff_s, explain_infeasible=explain_infeasible))
     except NoSolutionError:
         if method != "auto":
             raise

@@ -60,7 +60,7 @@ def plan_one_stage_remat(fn: Callable[..., Any], *args: Any, remat: str = "auto"
         step = fn if policies is None or all(p == "keep" for p in policies) else \
             checkpointed_step(fn, args, static, starts, policies)
         return plan_one_stage(step, *args, static_argnums=static_argnums, memory_budget=budget,
-                              progress=progress, cutoff_s=cutoff_s, **options)
+                              progress=progress, cutoff_s=cutoff_s, explain_infeasible=remat == "never", **options)
 
     if remat == "never":
         return plan_with(None)
@@ -95,18 +95,23 @@ def _search(plan_with: Callable[..., Plan], starts: Sequence[int], remat: str, m
         """Whether ``policies`` fit; planned, unless its LP relaxation shows it costlier than the
         best so far (it fits, then, as far as the search is concerned: fewer layers are tried)."""
         best = min((c[0] for c in found), default=None)
+        tick = time.perf_counter()
+
+        def took() -> str:
+            return f" [{time.perf_counter() - tick:.1f} s]"
+
         try:
             plan = plan_with(policies, cutoff_s=best)
         except CutOffError as e:
-            tried.append(f"{what}: not searched, its LP relaxation bounds it at {e.bound * 1e3:.4g} ms")
+            tried.append(f"{what}: not searched, its LP relaxation bounds it at {e.bound * 1e3:.4g} ms{took()}")
             return True
         except InfeasibleError as e:
-            tried.append(f"{what}: does not fit ({str(e)[:160]})")
+            tried.append(f"{what}: does not fit ({str(e)[:160]}){took()}")
             return False
         except PlanningError as e:  # no plan found in time: treated as not fitting
-            tried.append(f"{what}: no plan found ({str(e)[:160]})")
+            tried.append(f"{what}: no plan found ({str(e)[:160]}){took()}")
             return False
-        tried.append(f"{what}: {_ms(plan)}")
+        tried.append(f"{what}: {_ms(plan)}{took()}")
         found.append((plan.cost.total_s, len(found), policies, plan))
         return True
 

@@ -151,6 +151,17 @@ def test_infeasible_budget_names_budget_and_minimum_in_gib():
         assert advice in message.lower()
 
 
+def test_infeasible_without_explaining_names_only_the_budget():
+    """A caller weighing candidates (``explain_infeasible=False``) gets the verdict without the
+    search for the least memory a plan needs."""
+    mib = 2**20
+    prob = problem([[0, 0], [0, 0]], [(0, 1, [[0, INF], [INF, 0]])], memory=[[mib, 10 * mib], [10 * mib, mib]],
+                   live_sets=[(0, 1)], budget=5 * mib)
+    with pytest.raises(InfeasibleError) as info:
+        solve(prob, IlpOptions(explain_infeasible=False))
+    assert "5.00 MiB" in str(info.value) and "needs" not in str(info.value)
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_infeasible_found_by_cp_sat_not_by_the_quick_bound(merge):
     # Each node alone could take 1 MiB, but the tie forces equal strategies: 1 + 10 MiB either way.
