@@ -173,7 +173,13 @@ _KEEP_BARRIERS_ON_CPU = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 def compiler_options(graph: OpGraph, mesh: Any) -> dict[str, str] | None:
     """XLA options for a program that recomputes (``OpGraph.barriers``) on CPU devices."""
-    if not graph.barriers or not isinstance(mesh, jax.sharding.Mesh):  # an AbstractMesh has no devices
+    return keep_barriers(mesh) if graph.barriers else None
+
+
+def keep_barriers(mesh: Any) -> dict[str, str] | None:
+    """XLA options that keep a recomputation behind its optimization barrier on ``mesh``: on CPU
+    devices, ``_KEEP_BARRIERS_ON_CPU``; None elsewhere (an AbstractMesh has no devices)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
         return None
     return dict(_KEEP_BARRIERS_ON_CPU) if np.ravel(mesh.devices)[0].platform == "cpu" else None
 

@@ -246,7 +246,7 @@ def _nothing_fits(st: _Settings, one_floor: float, best: Candidate | None) -> st
     return (f"no plan fits: one stage needs at least {format_bytes(one_floor)} over all devices (the weights "
             f"and optimizer state, and every activation the backward pass reads, for the whole batch){piped}; "
             f"{st.hosts * st.per_host} devices × {format_bytes(st.budget)} hold {format_bytes(st.capacity)}: "
-            "use more devices, a smaller batch or a smaller model")
+            f"use more devices, a smaller batch{_remat_hint(st)} or a smaller model")
 
 
 _NO_ONE_STAGE_REMAT = ("remat=True: recomputation needs the layers of a loss differentiated with "

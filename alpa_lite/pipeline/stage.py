@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from alpa_lite.emit.program import make_body
+from alpa_lite.emit.program import keep_barriers, make_body
 from alpa_lite.ir.cluster import ClusterSpec
 from alpa_lite.ir.graph import OpGraph
 from alpa_lite.ir.specs import ShardingSpec
@@ -283,7 +283,8 @@ def build_stage(index: int, halves: list[LayerHalves], mesh: Any, weights: set[V
     if loss_outvars and loss_outvars[0] in made:
         sp.loss_var, sp.seed = loss_outvars[0], seed
     sp.fwd = jax.jit(_forward(sp))
-    sp.bwd = jax.jit(_backward(sp), donate_argnums=(3,))
+    # a recomputing backward keeps each layer's recomputation behind its barrier (emit.program)
+    sp.bwd = jax.jit(_backward(sp), donate_argnums=(3,), compiler_options=keep_barriers(mesh) if remat else None)
     sp.reduce = jax.jit(_reduce(sp))
     return sp
 

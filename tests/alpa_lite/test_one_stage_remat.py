@@ -144,3 +144,18 @@ def test_numpy_reference_of_the_model():
         a = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
         x_np = x_np + (np.tanh(a) * a) @ np.asarray(w2, np.float64)
     np.testing.assert_allclose(float(loss_fn(ws, x)), np.mean(x_np ** 2), rtol=1e-4)
+
+
+def test_the_default_path_on_one_device_recomputes_and_fits():
+    """``num_stages`` left open: the pipeline planner's one-stage pipeline recomputes (per stage),
+    runs equal to the unsharded step, and its compiled programs hold at most the budget + 15 %
+    (XLA's CPU pipeline keeps each recomputation behind its barrier: ``emit.program.keep_barriers``)."""
+    args = example()
+    budget = planned(1)[1].cost.peak_memory_bytes / 2
+    with pytest.raises(InfeasibleError, match="allow recomputation"):
+        al.plan(step, *args, mesh=make_mesh((1,)), memory_budget=budget, remat=False)
+    plan = al.plan(step, *args, mesh=make_mesh((1,)), memory_budget=budget)
+    assert plan.pipeline is not None and all(plan.remat) and plan.stages[0].memory_bytes <= budget
+    assert_steps_equal(plan.compile(step), step, args, n_state=1, steps=2, atol=1e-5)
+    report = plan.check(step, *fresh(args))
+    assert report.stages[0].compiled_memory_bytes <= 1.15 * budget, str(report)
