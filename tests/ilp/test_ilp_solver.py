@@ -151,6 +151,25 @@ def test_infeasible_budget_names_budget_and_minimum_in_gib():
         assert advice in message.lower()
 
 
+def test_infeasible_model_too_large_for_the_exact_peak_names_a_plans_peak(monkeypatch):
+    # Past the size limit the peak is minimised on the reduced model: its plan's bytes are named.
+    monkeypatch.setattr(solver, "_EXACT_PEAK_MAX_PAIRS", -1)
+    mib = 2**20
+    prob = problem(
+        [[0, 0], [0, 0]],
+        [(0, 1, [[0, INF], [INF, 0]])],
+        memory=[[mib, 10 * mib], [10 * mib, mib]],
+        live_sets=[(0, 1)],
+        budget=5 * mib,
+    )
+    with pytest.raises(InfeasibleError) as info:
+        solve(prob, EXACT)
+    message = str(info.value)
+    assert "5.00 MiB (5242880 bytes)" in message  # the budget
+    assert "needs 11.00 MiB (11534336 bytes)" in message  # a plan's peak (here the least)
+    assert "too large to find the least peak exactly" in message
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_infeasible_found_by_cp_sat_not_by_the_quick_bound(merge):
     # Each node alone could take 1 MiB, but the tie forces equal strategies: 1 + 10 MiB either way.
