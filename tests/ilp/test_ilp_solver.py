@@ -160,6 +160,23 @@ def test_infeasible_without_explaining_names_only_the_budget():
     with pytest.raises(InfeasibleError) as info:
         solve(prob, IlpOptions(explain_infeasible=False))
     assert "5.00 MiB" in str(info.value) and "needs" not in str(info.value)
+def test_infeasible_model_too_large_for_the_exact_peak_names_a_plans_peak(monkeypatch):
+    # Past the size limit the peak is minimised on the reduced model: its plan's bytes are named.
+    monkeypatch.setattr(solver, "_EXACT_PEAK_MAX_PAIRS", -1)
+    mib = 2**20
+    prob = problem(
+        [[0, 0], [0, 0]],
+        [(0, 1, [[0, INF], [INF, 0]])],
+        memory=[[mib, 10 * mib], [10 * mib, mib]],
+        live_sets=[(0, 1)],
+        budget=5 * mib,
+    )
+    with pytest.raises(InfeasibleError) as info:
+        solve(prob, EXACT)
+    message = str(info.value)
+    assert "5.00 MiB (5242880 bytes)" in message  # the budget
+    assert "needs 11.00 MiB (11534336 bytes)" in message  # a plan's peak (here the least)
+    assert "too large to find the least peak exactly" in message
 
 
 @pytest.mark.parametrize("merge", [False, True])
