@@ -60,7 +60,7 @@ def plan_one_stage_remat(fn: Callable[..., Any], *args: Any, remat: str = "auto"
         step = fn if policies is None or all(p == "keep" for p in policies) else \
             checkpointed_step(fn, args, static, starts, policies)
         return plan_one_stage(step, *args, static_argnums=static_argnums, memory_budget=budget,
-                              progress=progress, cutoff_s=cutoff_s, explain_infeasible=remat == "never", **options)
+                              progress=progress, cutoff_s=cutoff_s, explain_infeasible=remat != "auto", **options)
 
     if remat == "never":
         return plan_with(None)
