@@ -151,26 +151,27 @@ def test_infeasible_budget_names_budget_and_minimum_in_gib():
         assert advice in message.lower()
 
 
+def tied_pair():
+    """Each node alone could take 1 MiB, but the tie forces equal strategies: 1 + 10 MiB either
+    way, over a 5 MiB budget."""
+    mib = 2**20
+    return problem([[0, 0], [0, 0]], [(0, 1, [[0, INF], [INF, 0]])], memory=[[mib, 10 * mib], [10 * mib, mib]],
+                   live_sets=[(0, 1)], budget=5 * mib)
+
+
 def test_infeasible_without_explaining_names_only_the_budget():
     """A caller weighing candidates (``explain_infeasible=False``) gets the verdict without the
     search for the least memory a plan needs."""
-    mib = 2**20
-    prob = problem([[0, 0], [0, 0]], [(0, 1, [[0, INF], [INF, 0]])], memory=[[mib, 10 * mib], [10 * mib, mib]],
-                   live_sets=[(0, 1)], budget=5 * mib)
+    prob = tied_pair()
     with pytest.raises(InfeasibleError) as info:
         solve(prob, IlpOptions(explain_infeasible=False))
     assert "5.00 MiB" in str(info.value) and "needs" not in str(info.value)
+
+
 def test_infeasible_model_too_large_for_the_exact_peak_names_a_plans_peak(monkeypatch):
     # Past the size limit the peak is minimised on the reduced model: its plan's bytes are named.
     monkeypatch.setattr(solver, "_EXACT_PEAK_MAX_PAIRS", -1)
-    mib = 2**20
-    prob = problem(
-        [[0, 0], [0, 0]],
-        [(0, 1, [[0, INF], [INF, 0]])],
-        memory=[[mib, 10 * mib], [10 * mib, mib]],
-        live_sets=[(0, 1)],
-        budget=5 * mib,
-    )
+    prob = tied_pair()
     with pytest.raises(InfeasibleError) as info:
         solve(prob, EXACT)
     message = str(info.value)
@@ -181,15 +182,7 @@ def test_infeasible_model_too_large_for_the_exact_peak_names_a_plans_peak(monkey
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_infeasible_found_by_cp_sat_not_by_the_quick_bound(merge):
-    # Each node alone could take 1 MiB, but the tie forces equal strategies: 1 + 10 MiB either way.
-    mib = 2**20
-    prob = problem(
-        [[0, 0], [0, 0]],
-        [(0, 1, [[0, INF], [INF, 0]])],
-        memory=[[mib, 10 * mib], [10 * mib, mib]],
-        live_sets=[(0, 1)],
-        budget=5 * mib,
-    )
+    prob = tied_pair()
     with pytest.raises(InfeasibleError, match=r"needs is 11\.00 MiB \(11534336 bytes\)"):
         solve(prob, IlpOptions(merge_followers=merge))
 
