@@ -53,23 +53,25 @@ def plan(fn: Callable[..., Any], *args: Any, mesh: Any = None, cluster: ClusterS
         raise PlanningError(f"unknown method {method!r}; choose one of {METHODS}")
     if not time_limit_s > 0:
         raise PlanningError(f"time_limit_s must be a positive number of seconds, got {time_limit_s!r}")
-    remat_mode(remat)  # a bad value fails before any tracing
-    traced = None  # the step's trace when it pipelines, made once for the choice and the planner
-    if num_stages is None and method == "auto":
+    mode = remat_mode(remat)  # a bad value fails before any tracing
+    # one stage may recompute layers of an al.value_and_grad loss (pipeline.one_stage)
+    one_remat = mode != "never" and (method == "auto" or mode == "always")
+    traced = None  # the step's trace when it has that loss, made once for the choice and the planner
+    if num_stages is None and method == "auto" or num_stages in (None, 1) and one_remat:
         traced = _pipelined_step(fn, args, static_argnums)
-    if num_stages not in (None, 1) or traced is not None:
+    if num_stages not in (None, 1) or num_stages is None and method == "auto" and traced is not None:
         (progress or (lambda phase: None))("DP")
         return plan_pipeline(fn, *args, mesh=mesh, cluster=cluster, method=method,
                              memory_budget=memory_budget, num_stages=num_stages,
                              num_microbatches=num_microbatches, batch_argnums=batch_argnums,
                              static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress,
                              remat=remat, traced=traced)
-    mode = remat_mode(remat)
-    if mode != "never" and (method == "auto" or mode == "always") and _pipelined_step(fn, args, static_argnums):
+    if one_remat and traced is not None:
         return plan_one_stage_remat(fn, *args, remat=mode if method == "auto" else "always", mesh=mesh,
                                     cluster=cluster, method=method, memory_budget=memory_budget,
                                     batch_argnums=batch_argnums, donate_argnums=donate_argnums,
-                                    static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress)
+                                    static_argnums=static_argnums, time_limit_s=time_limit_s, progress=progress,
+                                    traced=traced)
     check_one_stage_remat(remat)
     return plan_one_stage(fn, *args, mesh=mesh, cluster=cluster, method=method, memory_budget=memory_budget,
                           batch_argnums=batch_argnums, donate_argnums=donate_argnums,

@@ -58,6 +58,8 @@ logger = logging.getLogger("alpa_lite.ilp")
 # Time for the peak-memory solve that explains an infeasible budget: the message needs a number,
 # not a proof, so it is bounded separately from the planning solve.
 _PEAK_SOLVE_LIMIT_S = 10.0
+# What every message of an infeasible budget advises.
+_ADVICE = "Raise the memory budget, use more devices, or use fewer microbatches / a smaller batch"
 # Edge pairs (Σ of the edge matrices' sizes) up to which the peak-memory model is built on every
 # node. Beyond it the model is built on the reduced nodes instead (``_peak_bracket``): on a
 # 32-block MoE on 64 GPUs (20k nodes, ~2.3M pairs after elimination) the exact model took 167 s
@@ -399,8 +401,7 @@ def _infeasible(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return InfeasibleError(
             f"no plan fits the memory budget of {format_bytes(budget)} per device (the smallest "
-            f"memory needed was not found within {limit:g} s); raise the memory budget, use more "
-            "devices, or use fewer microbatches / a smaller batch"
+            f"memory needed was not found within {limit:g} s). {_ADVICE}"
         )
     _, peak = evaluate(problem, red.expand(_leader_choice(solver, model)))
     if status == cp_model.OPTIMAL:
@@ -412,8 +413,7 @@ def _infeasible(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
             f"{format_bytes(low)} and {format_bytes(peak)}"
         )
     return InfeasibleError(
-        f"no plan fits the memory budget of {format_bytes(budget)} per device: {need}. "
-        "Raise the memory budget, use more devices, or use fewer microbatches / a smaller batch"
+        f"no plan fits the memory budget of {format_bytes(budget)} per device: {need}. {_ADVICE}"
     )
 
 
@@ -444,8 +444,7 @@ def _peak_bracket(problem: IlpProblem, options: IlpOptions) -> InfeasibleError:
              f"model is small enough) needs {format_bytes(peak)}")
     return InfeasibleError(
         f"no plan fits the memory budget of {format_bytes(_budget(problem))} per device: {found} (the "
-        "model is too large to find the least peak exactly). Raise the memory budget, use more "
-        "devices, or use fewer microbatches / a smaller batch"
+        f"model is too large to find the least peak exactly). {_ADVICE}"
     )
 
 

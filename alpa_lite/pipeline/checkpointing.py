@@ -26,6 +26,7 @@ import jax
 from alpa_lite.ir.errors import PlanningError
 from alpa_lite.pipeline.program import (
     LossProgram,
+    TracedStep,
     cut_layers,
     flat_function,
     read,
@@ -39,10 +40,11 @@ from alpa_lite.tracing.markers import VagJaxpr, mark_layer
 _SAVEABLE = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
 
 
-def loss_program(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int]) -> tuple[Any, int, LossProgram]:
-    """The step traced with the full batch, the position of its one ``al.value_and_grad``
-    equation, and that equation's loss."""
-    traced = trace_step(fn, args, static)
+def loss_program(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int],
+                 traced: TracedStep | None = None) -> tuple[TracedStep, int, LossProgram]:
+    """The step traced with the full batch (``traced`` when already made), the position of its
+    one ``al.value_and_grad`` equation, and that equation's loss."""
+    traced = trace_step(fn, args, static) if traced is None else traced
     found = vag_positions(traced.full.jaxpr)
     if len(found) != 1:
         raise PlanningError(f"recomputation needs a step that calls al.value_and_grad once (it finds the layers "
@@ -51,14 +53,16 @@ def loss_program(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[i
 
 
 def checkpointed_step(fn: Callable[..., Any], args: Sequence[Any], static: Sequence[int],
-                      layer_starts: Sequence[int], policies: Sequence[str]) -> Callable[..., Any]:
+                      layer_starts: Sequence[int], policies: Sequence[str],
+                      program: tuple[TracedStep, int, LossProgram] | None = None) -> Callable[..., Any]:
     """``fn`` with layer k of its loss (cut at ``layer_starts``, equation positions in the loss)
     recomputed as ``policies[k]`` says; a function of the same arguments (static ones included)
-    returning the same pytree."""
+    returning the same pytree. ``program``: ``loss_program``'s result when already made (a search
+    over several choices traces the step once)."""
     bad = [p for p in policies if p not in REMAT_POLICIES]
     if bad:
         raise PlanningError(f"unknown recomputation policy {bad[0]!r}: choose one of {REMAT_POLICIES}")
-    traced, pos, loss = loss_program(fn, args, static)
+    traced, pos, loss = loss_program(fn, args, static) if program is None else program
     layers = cut_layers(loss, layer_starts)
     if len(layers) != len(policies):
         raise PlanningError(f"{len(policies)} recomputation policies for a loss of {len(layers)} layers")

@@ -78,6 +78,11 @@ class LayerGraph:
         reads = {t for v in ops for t in g.ops[v].operands} | set(self.residuals)
         return tuple(t for v in self.fwd_ops if g.ops[v].kind == "dot" for t in g.ops[v].outputs if t in reads)
 
+    def rerun_ops(self, policy: str = "full") -> frozenset[int]:
+        """The forward ops a recomputation runs again: ``recomputed_ops`` ("full") or
+        ``dots_recomputed_ops`` ("dots")."""
+        return self.recomputed_ops if policy == "full" else self.dots_recomputed_ops
+
     def _upstream(self, saved: Any) -> frozenset[int]:
         """Forward ops the residuals depend on, not through an op ``saved(v)`` (its output held)."""
         g, fwd = self.graph, set(self.fwd_ops)
@@ -97,7 +102,7 @@ class LayerGraph:
         another, or into a backward op (a residual resharded for its reader); not one into an
         output. A saved matmul output is held as its first reader wants it (``stage``), so
         reading it again reshards nothing."""
-        ops = self.recomputed_ops if policy == "full" else self.dots_recomputed_ops
+        ops = self.rerun_ops(policy)
         if src not in ops:
             return False
         return dst is None or dst in ops or dst in self._bwd_set
@@ -269,8 +274,7 @@ def forward_time(lg: LayerGraph, iop: IntraOpProblem, choice: Sequence[int], pol
     (compute + its collectives) + Σ over the edges it reshards again (``LayerGraph.reruns``). What
     only makes the layer's outputs is not run again. Every term is one of the objective's, so this
     is <= G's time."""
-    ops = lg.recomputed_ops if policy == "full" else lg.dots_recomputed_ops
-    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in ops)
+    nodes = sum(float(iop.problem.node_costs[v][choice[v]]) for v in lg.rerun_ops(policy))
     edges = sum(float(e.cost[choice[e.src], choice[e.dst]]) for e in iop.problem.edges
                 if lg.reruns(e.src, e.dst, policy))
     return max(nodes + edges, 0.0)

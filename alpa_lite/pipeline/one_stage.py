@@ -33,7 +33,7 @@ from alpa_lite.intra.planner import plan_one_stage
 from alpa_lite.ir.errors import CutOffError, InfeasibleError, PlanningError
 from alpa_lite.ir.graph import OpGraph
 from alpa_lite.pipeline.checkpointing import checkpointed_step, loss_program
-from alpa_lite.pipeline.program import layer_starts
+from alpa_lite.pipeline.program import TracedStep, layer_starts
 from alpa_lite.result.plan import Plan, RematInfo
 
 log = logging.getLogger("alpa_lite.pipeline.one_stage")
@@ -45,27 +45,30 @@ BISECT_STEPS = 4
 
 def plan_one_stage_remat(fn: Callable[..., Any], *args: Any, remat: str = "auto", num_layers: int | None = None,
                          static_argnums: Sequence[int] = (), memory_budget: float | None = None,
-                         progress: Callable[[str], None] | None = None, **options: Any) -> Plan:
+                         progress: Callable[[str], None] | None = None, traced: TracedStep | None = None,
+                         **options: Any) -> Plan:
     """``plan(..., num_stages=1)`` for a step with ``al.value_and_grad``; ``remat`` is "auto",
     "never" or "always" (``al.plan``'s None, False, True); ``num_layers``: cluster the loss into
-    this many layers even when it has markers. ``options``: ``plan_one_stage``'s."""
+    this many layers even when it has markers; ``traced``: the step's full-batch trace when the
+    caller made it (``program.pipelined_step``). ``options``: ``plan_one_stage``'s."""
     progress = progress or (lambda phase: None)
     t0 = time.perf_counter()
     static = tuple(sorted(i % len(args) for i in static_argnums)) if args else ()
 
     starts: list[int] = []
+    program = None  # the step's trace and loss, made once for every candidate
 
     def plan_with(policies: Sequence[str] | None, budget: float | None = memory_budget,
                   cutoff_s: float | None = None) -> Plan:
         step = fn if policies is None or all(p == "keep" for p in policies) else \
-            checkpointed_step(fn, args, static, starts, policies)
+            checkpointed_step(fn, args, static, starts, policies, program)
         return plan_one_stage(step, *args, static_argnums=static_argnums, memory_budget=budget,
                               progress=progress, cutoff_s=cutoff_s, explain_infeasible=remat != "auto", **options)
 
     if remat == "never":
         return plan_with(None)
-    _, _, loss = loss_program(fn, args, static)
-    starts += layer_starts(loss, num_layers)
+    program = loss_program(fn, args, static, traced)
+    starts += layer_starts(program[2], num_layers)
     plan = _search(plan_with, starts, remat, memory_budget, progress)
     total = time.perf_counter() - t0
     return replace(plan, timings={**plan.timings, "remat_search_s": total, "total_s": total})

@@ -52,8 +52,9 @@ def plan_html(plan: Any) -> str:
             f"gap {plan.solver.gap:.2%}</p>")
     if shared.pipeline_of(plan) is not None:
         head += f"<p class='sub'>{escape(shared.pipeline_text(plan)).replace(chr(10), '<br>')}</p>"
-    if shared.layer_remat_text(plan):
-        head += f"<p class='sub'>{escape(shared.layer_remat_text(plan)).replace(chr(10), '<br>')}</p>"
+    remat = shared.layer_remat_text(plan)
+    if remat:
+        head += f"<p class='sub'>{escape(remat).replace(chr(10), '<br>')}</p>"
     top = (f"<div class='row'><div style='max-width:560px'><h4>Mesh and stages</h4>{mesh_svg(plan)}"
            f"{_stage_legend(plan)}</div>"
            f"<div><h4>Predicted cost per step</h4>{cost_svg(plan)}</div></div>")

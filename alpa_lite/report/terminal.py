@@ -161,8 +161,9 @@ def plan_renderable(plan: Any, *, arg_names: Sequence[str] | None = None, max_ro
                                    _tensor_table(f"Inputs ({len(inputs)})", inputs), Text(""),
                                    *_outputs(plan), Text(""), _stages_table(plan), Text(""),
                                    _collectives_table(plan, max_rows), Text("")]
-    if layer_remat_text(plan):
-        parts += [Text(layer_remat_text(plan)), Text("")]
+    remat = layer_remat_text(plan)
+    if remat:
+        parts += [Text(remat), Text("")]
     parts.append(Text.assemble(("Solver: ", "bold"), solver_text(plan)))
     parts.append(Text.assemble(("Planning time: ", "bold"), timings_text(plan)))
     parts += [Text(f"warning: {w}", style="yellow") for w in plan.warnings]
